@@ -1,0 +1,115 @@
+"""The ``labkit`` command.
+
+  labkit doctor                                   what this machine can run
+  labkit run NOTEBOOK [--size tiny|full]          execute a chapter, write the executed copy
+  labkit vram NOTEBOOK [--size full] [--budget-gb 12] [--json]
+                                                  estimate the chapter's training peak; exit 0 only if it fits
+  labkit strip NOTEBOOK [-o OUT]                  learner copy: exercise solutions become stubs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from labkit.config import ENV_VAR, SIZES
+
+
+def cmd_doctor(args) -> int:
+    from labkit.device import doctor
+
+    report = doctor()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        width = max(map(len, report))
+        for k, v in report.items():
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import nbclient
+    import nbformat
+
+    from labkit.notebook import resolve
+
+    path = resolve(args.notebook)
+    out = Path(args.out) if args.out else Path("_build") / "runs" / f"{path.stem}.{args.size}.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nb = nbformat.read(path, as_version=4)
+    os.environ[ENV_VAR] = args.size
+    client = nbclient.NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                                     resources={"metadata": {"path": str(path.parent)}})
+    t0 = time.perf_counter()
+    status = 0
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as e:
+        print(f"{path.name}: a cell failed:\n{str(e)[-3000:]}", file=sys.stderr)
+        status = 1
+    finally:
+        nbformat.write(nb, out)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"notebook": path.name, "size": args.size, "seconds": round(seconds, 1),
+                      "ok": status == 0, "output": str(out)}))
+    return status
+
+
+def cmd_vram(args) -> int:
+    from labkit.notebook import load, resolve
+    from labkit.vram import estimate
+
+    path = resolve(args.notebook)
+    os.environ[ENV_VAR] = args.size
+    ns = load(path, ("model", "vram"))
+    if "vram_job" not in ns:
+        print(f"{path.name} has no `vram_job()` in a cell tagged `vram` (see CONTRIBUTING.md, 'Cell tags')", file=sys.stderr)
+        return 2
+    report = estimate(ns["vram_job"](), budget_gb=args.budget_gb)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0 if report.fits else 1
+
+
+def cmd_strip(args) -> int:
+    from labkit.notebook import strip
+
+    print(strip(args.notebook, args.out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="labkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("doctor", help="what this machine can run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_doctor)
+    p = sub.add_parser("run", help="execute a chapter notebook")
+    p.add_argument("notebook")
+    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--out", help="where the executed notebook goes (default _build/runs/NAME.SIZE.ipynb)")
+    p.add_argument("--timeout", type=int, default=900, help="per-cell timeout in seconds")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("vram", help="estimate a chapter's training peak memory")
+    p.add_argument("notebook")
+    p.add_argument("--size", choices=SIZES, default="full")
+    p.add_argument("--budget-gb", type=float, default=12.0, help="the card's memory in GiB (default 12, an RTX 4070)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_vram)
+    p = sub.add_parser("strip", help="write the learner copy without exercise solutions")
+    p.add_argument("notebook")
+    p.add_argument("-o", "--out")
+    p.set_defaults(fn=cmd_strip)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, LookupError, ValueError) as e:
+        print(f"labkit {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Load the cells of a chapter notebook that carry a tag into a namespace.
+
+The model lives in its chapter, cell by cell. Tests and later chapters reach into the notebook
+instead of copying code::
+
+    ns = labkit.notebook.load("notebooks/01_mingpt.ipynb")          # cells tagged `model`
+    GPT, GPTConfig = ns["GPT"], ns["GPTConfig"]
+    ns = labkit.notebook.load("01_mingpt.ipynb", tags=("model", "vram"))
+
+Conventions (documented in DESIGN.md):
+- `model`    cells define the model; they must run on their own, top to bottom (imports included).
+- `vram`     a cell defining ``vram_job() -> labkit.vram.TrainJob`` for the FULL config.
+- `exercise` a cell whose top-level functions/classes are the solution; ``strip`` replaces their bodies.
+- `check`    the cell right after an exercise, calling ``labkit.check``; it needs only the `model`
+             cells and the exercise cell.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import types
+from contextlib import contextmanager
+from pathlib import Path
+
+import nbformat
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A notebook path, also accepting a bare name like ``01_mingpt`` (looked up in notebooks/)."""
+    p = Path(path)
+    candidates = [p, p.with_suffix(".ipynb"), NOTEBOOK_DIR / p.name, (NOTEBOOK_DIR / p.name).with_suffix(".ipynb")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError(f"notebook {str(path)!r} not found (looked in the current folder and {NOTEBOOK_DIR})")
+
+
+def read(path: str | os.PathLike) -> nbformat.NotebookNode:
+    return nbformat.read(resolve(path), as_version=4)
+
+
+def tags_of(cell) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def cells(path, tag: str) -> list[str]:
+    """The sources of the code cells tagged ``tag``, in order."""
+    return [c.source for c in read(path).cells if c.cell_type == "code" and tag in tags_of(c)]
+
+
+def _clean(source: str) -> str:
+    # IPython magics and shell escapes have no meaning outside a kernel.
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
+
+
+@contextmanager
+def _chdir(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def run_sources(sources: list[str], namespace: dict | None = None, filename: str = "<notebook>", cwd=None) -> dict:
+    ns = namespace if namespace is not None else {"__name__": "__labkit_notebook__"}
+    with _chdir(Path(cwd) if cwd else Path.cwd()):
+        for i, src in enumerate(sources):
+            code = compile(_clean(src), f"{filename}[cell {i}]", "exec")
+            exec(code, ns)  # noqa: S102 - running the course's own notebook cells is the point
+    return ns
+
+
+def load(path, tags: tuple[str, ...] | str = ("model",), namespace: dict | None = None) -> dict:
+    """Execute the code cells carrying any of ``tags`` and return the namespace (a dict).
+
+    Runs with the notebook's folder as the working directory, like Jupyter does.
+    """
+    nb_path = resolve(path)
+    tags = (tags,) if isinstance(tags, str) else tuple(tags)
+    nb = read(nb_path)
+    sources = [c.source for c in nb.cells if c.cell_type == "code" and set(tags) & set(tags_of(c))]
+    if not sources:
+        raise LookupError(f"{nb_path.name} has no code cells tagged {tags}")
+    return run_sources(sources, namespace, filename=nb_path.name, cwd=nb_path.parent)
+
+
+def as_module(path, tags=("model",), name: str | None = None) -> types.ModuleType:
+    """Like ``load`` but returns a module object (attribute access: ``m.GPT``)."""
+    mod = types.ModuleType(name or Path(path).stem)
+    load(path, tags, mod.__dict__)
+    return mod
+
+
+# --- exercises -------------------------------------------------------------------------------------
+
+def exercises(path) -> list[tuple[str, str]]:
+    """``(exercise_source, check_source)`` pairs: each `exercise` cell and the `check` cell after it."""
+    nb = read(path)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    pairs = []
+    for i, c in enumerate(code):
+        if "exercise" in tags_of(c):
+            nxt = next((d for d in code[i + 1:] if "check" in tags_of(d)), None)
+            if nxt is None:
+                raise LookupError(f"exercise cell {len(pairs)} of {resolve(path).name} has no `check` cell after it")
+            pairs.append((c.source, nxt.source))
+    return pairs
+
+
+def run_exercise(path, index: int, replacement: str | None = None) -> dict:
+    """Run the `model` cells, exercise ``index`` (or ``replacement`` source instead), then its check.
+
+    Raises whatever the check raises: this is how tests prove a wrong answer is caught.
+    """
+    exercise_src, check_src = exercises(path)[index]
+    nb_path = resolve(path)
+    ns = load(nb_path, ("model",))
+    return run_sources([replacement if replacement is not None else exercise_src, check_src], ns,
+                       filename=f"{nb_path.name}:exercise{index}", cwd=nb_path.parent)
+
+
+def stub_source(source: str) -> str:
+    """Replace the body of every top-level function (and method of top-level classes) with a stub.
+
+    Signatures, decorators and docstrings stay, so the learner sees what to write.
+    """
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    edits = []  # (start, end, indent, docstring_end) line ranges, 0-based inclusive
+
+    def visit(fn):
+        body = fn.body
+        keep = 0
+        if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            keep = 1
+        if len(body) == keep:
+            return
+        first, last = body[keep], body[-1]
+        indent = " " * first.col_offset
+        edits.append((first.lineno - 1, last.end_lineno - 1, indent, fn.name))
+
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            visit(node)
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    visit(item)
+    for start, end, indent, name in sorted(edits, reverse=True):
+        lines[start:end + 1] = [f'{indent}raise NotImplementedError("Exercise: write `{name}` (see the text above)")']
+    return "\n".join(lines) + ("\n" if source.endswith("\n") else "")
+
+
+def strip(path, out: str | os.PathLike | None = None) -> Path:
+    """Write the learner copy: exercise solutions replaced by stubs, outputs cleared."""
+    nb_path = resolve(path)
+    nb = read(nb_path)
+    for c in nb.cells:
+        if c.cell_type == "code":
+            c.outputs, c.execution_count = [], None
+            if "exercise" in tags_of(c):
+                c.source = stub_source(c.source)
+    out = Path(out) if out else nb_path.with_name(nb_path.stem + "_exercises.ipynb")
+    nbformat.write(nb, out)
+    return out

@@ -1,0 +1,335 @@
+"""One Trainer for the whole book.
+
+What it does, in the order a training step does it:
+  sample a micro-batch (from a generator whose state is checkpointed, so a resumed run sees the very
+  same batches) -> forward under autocast (bf16 where supported) -> loss / grad_accum -> backward,
+  repeated grad_accum times -> clip the gradient norm -> set the learning rate (linear warmup, cosine
+  decay) -> optimizer step. Every ``eval_every`` steps it estimates train/val loss on fixed batches,
+  updates the live plot in Jupyter and writes a checkpoint atomically (temp file + rename).
+
+Stopping with the ■ button (KeyboardInterrupt) saves a checkpoint and returns the history so far:
+nothing is lost. A CUDA out-of-memory error is answered with the memory in use and the knobs to turn.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from labkit.device import amp_dtype as default_amp_dtype
+from labkit.device import device as default_device
+from labkit.device import peak_flops
+
+Batch = Any
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr: float | None = None          # default: lr / 10 (as in Chinchilla / nanoGPT)
+    warmup_steps: int = 100
+    weight_decay: float = 0.1            # applied to matrices (dim >= 2) only, never to biases or norms
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1                  # micro-batches per optimizer step
+    eval_every: int = 100
+    eval_batches: int = 10
+    log_every: int = 10
+    amp: bool = True                     # autocast in labkit.device.amp_dtype() (bf16 on recent GPUs; off on CPU)
+    seed: int = 1337
+    ckpt_path: str | None = None         # where checkpoints go; None = no checkpoints
+    progress: bool = True                # tqdm progress bar (a widget in Jupyter)
+    live_plot: bool = True               # redraw the loss plot at each eval, in Jupyter only
+
+    def __post_init__(self):
+        problems = []
+        if self.max_steps < 1:
+            problems.append(f"max_steps must be >= 1 (got {self.max_steps})")
+        if self.grad_accum < 1:
+            problems.append(f"grad_accum must be >= 1 (got {self.grad_accum})")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            problems.append(f"warmup_steps must be between 0 and max_steps={self.max_steps} (got {self.warmup_steps})")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.eval_every < 1:
+            problems.append(f"eval_every must be >= 1 (got {self.eval_every})")
+        if problems:
+            raise ValueError("bad TrainConfig: " + "; ".join(problems))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def adamw(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (embeddings and linear weights), fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device is not None and device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+def to_device(batch: Batch, dev: torch.device) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dev, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, dev) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, dev) for k, v in batch.items()}
+    return batch
+
+
+def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Call ``model(*batch)``; accept a scalar loss or the nanoGPT convention ``(logits, loss)``."""
+    out = model(**batch) if isinstance(batch, dict) else model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    loss = out[1] if isinstance(out, (tuple, list)) else out
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise TypeError("the model's forward must return a scalar loss or (logits, loss); pass loss_fn= otherwise")
+    return loss
+
+
+def save_atomic(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+
+        return get_ipython() is not None and hasattr(get_ipython(), "kernel")
+    except ImportError:
+        return False
+
+
+class Trainer:
+    """Train ``model`` on batches from ``get_batch(split, generator)``.
+
+    Args:
+        model: any nn.Module.
+        get_batch: ``(split, generator) -> batch``; split is "train" or "val". Draw all randomness from
+            ``generator``: its state is checkpointed, which is what makes resume exact.
+        loss_fn: ``(model, batch) -> scalar loss``; default calls ``model(*batch)`` (see ``default_loss``).
+        config: a TrainConfig.
+        items_per_batch: tokens (or samples) in one micro-batch, for the throughput figure.
+        flops_per_item: training FLOPs per token/sample (~6 N for a transformer), for MFU where the
+            device's peak is known (labkit.device.GPU_PEAK_FLOPS) or given as ``peak_flops``.
+        eval_fn: optional ``model -> dict`` of extra metrics (accuracy, samples...) logged at each eval.
+    """
+
+    def __init__(self, model: nn.Module, get_batch: Callable[[str, torch.Generator], Batch], loss_fn=None,
+                 config: TrainConfig | None = None, *, optimizer: torch.optim.Optimizer | None = None,
+                 items_per_batch: int | None = None, item_name: str = "tok", flops_per_item: float | None = None,
+                 peak_flops: float | None = None, eval_fn: Callable[[nn.Module], dict] | None = None,
+                 device: torch.device | str | None = None):
+        self.cfg = config or TrainConfig()
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device)
+        self.get_batch = get_batch
+        self.loss_fn = loss_fn or default_loss
+        self.optimizer = optimizer or adamw(self.model, self.cfg, self.device)
+        self.items_per_batch, self.item_name = items_per_batch, item_name
+        self.flops_per_item = flops_per_item
+        self.peak = peak_flops if peak_flops is not None else globals()["peak_flops"](self.device)
+        self.eval_fn = eval_fn
+        self.amp_dtype = default_amp_dtype(self.device) if self.cfg.amp else None
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.step = 0
+        self.history: list[dict] = []
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self._plot_handle = None
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = to_device(self.get_batch("train", self.generator), self.device)
+            with self._autocast():
+                loss = self.loss_fn(model, batch)
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.item()
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total / cfg.grad_accum
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean loss over ``eval_batches`` fixed batches per split (the same batches every time)."""
+        self.model.eval()
+        out = {}
+        for split in ("train", "val"):
+            g = torch.Generator().manual_seed(self.cfg.seed + (1 if split == "train" else 2))
+            losses = []
+            for _ in range(self.cfg.eval_batches):
+                batch = to_device(self.get_batch(split, g), self.device)
+                with self._autocast():
+                    losses.append(self.loss_fn(self.model, batch).item())
+            out[f"{split}_loss"] = sum(losses) / len(losses)
+        if self.eval_fn is not None:
+            out.update(self.eval_fn(self.model))
+        self.model.train()
+        return out
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "history": self.history,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()},
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        path = Path(path or self.cfg.ckpt_path)
+        save_atomic(self.state_dict(), path)
+        return path
+
+    def load(self, path: str | os.PathLike | None = None) -> None:
+        """Restore everything a step depends on: weights, optimizer, step, data order, dropout RNG."""
+        state = torch.load(path or self.cfg.ckpt_path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.history = state["step"], state["history"]
+        self.generator.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def fit(self, resume: bool = True, steps: int | None = None) -> list[dict]:
+        """Train until ``max_steps`` (or ``steps`` more steps). Resumes from ``ckpt_path`` if it exists."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists() and self.step == 0:
+            self.load()
+            print(f"resumed from {cfg.ckpt_path} at step {self.step}")
+        end = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
+        bar = tqdm(total=end, initial=self.step, desc="training", unit="step", disable=not cfg.progress)
+        t_last, items, step_t0 = time.perf_counter(), 0, time.perf_counter()
+        step_start = (self.generator.get_state(), torch.get_rng_state())
+        try:
+            while self.step < end:
+                # An interrupt mid-step rolls back to here, so the checkpoint is always at a step boundary.
+                step_start = (self.generator.get_state(), torch.get_rng_state())
+                loss = self.train_step()
+                items += (self.items_per_batch or 0) * cfg.grad_accum
+                record = {"step": self.step, "lr": lr_at(self.step - 1, cfg), "train_loss_step": loss}
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    dt = time.perf_counter() - t_last
+                    if self.items_per_batch and dt > 0:
+                        record["items_per_s"] = items / dt
+                        if self.flops_per_item and self.peak:
+                            record["mfu"] = items * self.flops_per_item / dt / self.peak
+                    t_last, items = time.perf_counter(), 0
+                    if self.device.type == "cuda":
+                        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024**3
+                    postfix = {"loss": f"{loss:.4f}"}
+                    if "items_per_s" in record:
+                        postfix[f"{self.item_name}/s"] = f"{record['items_per_s']:,.0f}"
+                    bar.set_postfix(postfix)
+                is_eval = self.step % cfg.eval_every == 0 or self.step == end
+                if is_eval:
+                    record.update(self.evaluate())
+                    record["time_s"] = time.perf_counter() - step_t0
+                self.history.append(record)
+                if is_eval:
+                    self._draw()
+                    if cfg.ckpt_path:
+                        self.save()
+                bar.update(1)
+        except KeyboardInterrupt:
+            bar.close()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.generator.set_state(step_start[0])
+            torch.set_rng_state(step_start[1])
+            if cfg.ckpt_path:
+                self.save()
+                print(f"interrupted at step {self.step}: checkpoint saved to {cfg.ckpt_path}; fit() again resumes")
+            else:
+                print(f"interrupted at step {self.step}; the history so far is returned")
+            return self.history
+        except torch.cuda.OutOfMemoryError as e:
+            bar.close()
+            raise RuntimeError(self._oom_message()) from e
+        bar.close()
+        self._draw(final=True)
+        return self.history
+
+    def _oom_message(self) -> str:
+        alloc = torch.cuda.max_memory_allocated(self.device) / 1024**3
+        total = torch.cuda.get_device_properties(self.device).total_memory / 1024**3
+        torch.cuda.empty_cache()
+        return (f"CUDA ran out of memory (peak allocated {alloc:.2f} GiB of {total:.2f} GiB).\n"
+                "Knobs, from cheapest to dearest:\n"
+                "  - halve the micro-batch and double TrainConfig.grad_accum (same tokens per step, same result);\n"
+                "  - turn on activation checkpointing in the model config, if the chapter offers it;\n"
+                "  - shorten the sequence length / image size;\n"
+                "  - check the estimate first: `labkit vram NOTEBOOK --size full` shows where the memory goes.")
+
+    def _draw(self, final: bool = False) -> None:
+        if not self.cfg.live_plot or not _in_notebook():
+            return
+        evals = [h for h in self.history if "val_loss" in h]
+        if len(evals) < 1 or (final and self._plot_handle is None and len(evals) < 2):
+            return
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        from labkit.plot import history_curves, loss_curves
+
+        fig = loss_curves(history_curves(self.history), title="Training (live)" if not final else "Training")
+        if self._plot_handle is None:
+            self._plot_handle = display(fig, display_id=True)
+        else:
+            self._plot_handle.update(fig)
+        plt.close(fig)

@@ -1,0 +1,352 @@
+"""The VRAM meter: the peak memory of one training step, measured on a GPU or estimated without one.
+
+Why estimate on a CPU?  Every chapter ends with "will the full-size model train on a 12 GB card?".
+Readers (and CI) often have no GPU, so :func:`estimate` answers by *tracing* one full-size training
+step: no real memory is allocated and no arithmetic is done, so GPT-2 124M takes a few seconds.
+
+How :func:`estimate` works
+    1. ``make_model()`` runs under ``torch.device("meta")``: tensors have shapes, no storage.
+    2. Inside ``FakeTensorMode`` the model gets fake CPU storage (``to_empty``); weights tied on the
+       meta model (GPT-2's ``lm_head``/``wte``) are tied again, since ``to_empty`` unties them.
+    3. ``MemTracker`` (torch.distributed._tools) sees every storage that is created or freed and tags
+       it: parameter, buffer, gradient, activation (made in forward), temporary (made in backward),
+       optimizer state (made in ``optimizer.step``).
+    4. A warm-up optimizer step on zero gradients creates AdamW's state (it is made lazily). Then one
+       steady step is traced: **two micro-batches** (forward + backward each), then the optimizer step.
+       The gradients of the first micro-batch are alive while the second runs, as in gradient
+       accumulation, so the peak read is that of a steady accumulation step. A loop that frees the
+       gradients before every forward peaks lower by at most the ``grads`` line.
+    5. The breakdown is the tracker's categories at the instant of the peak (so they add up to it);
+       the batch itself is counted with ``activations``. Then two GPU-only lines are added (below).
+
+Where a CPU trace differs from a CUDA step, and what we do about it
+    * Attention kernels. On CUDA, ``F.scaled_dot_product_attention`` runs a fused kernel (flash or
+      memory-efficient, with dropout and masks) that saves q, k, v, the output and a float32
+      log-sum-exp, never the s x s score matrix. The CPU takes its math path whenever dropout is on,
+      and that stores several s x s tensors per layer. We replace the call by a stand-in with the
+      fused kernels' memory (output laid out as they lay it out); its backward allocates dq, dk, dv and
+      FlashAttention-2's float32 dq accumulator. Attention written by hand (matmul + softmax) is
+      traced as is: a GPU stores its scores too.
+    * Autocast policy. CUDA autocast runs softmax, log_softmax, layer_norm, group_norm, pow, exp, log,
+      rsqrt and reciprocal in float32; CPU autocast keeps them in bfloat16. We apply the CUDA rule to
+      these, which store big tensors in common models (attention probabilities, log-probabilities
+      over a vocabulary, the tanh GELU of GPT-2). The other ops CUDA runs in float32 (sum, cumsum,
+      norm, the losses, ...) keep the CPU policy, a small error.
+    * Optimizer. On CUDA torch's default is the multi-tensor ("foreach") implementation, whose step
+      allocates a temporary as large as all parameters; on CPU it loops per tensor. Where the optimizer
+      leaves the choice open we set ``foreach=True``, the CUDA default.
+    * Loss. Cross-entropy is the same aten ops on both devices: its float32 log-probabilities and their
+      gradient (for a 50k vocabulary, the largest tensors of a small LM's step) are traced faithfully,
+      as is a chunked loss written in PyTorch. A fused loss written in Triton cannot run here: write
+      the plain equivalent in ``loss_fn`` and read the estimate as an upper bound. Likewise for
+      ``torch.compile`` (its graphs usually save fewer activations): the estimate is for eager mode.
+    * What the allocator never sees: the CUDA context (driver state, the kernels of torch, cuBLAS,
+      cuDNN) lives outside torch's allocator: ``CUDA_CONTEXT_BYTES``. The caching allocator reserves
+      more than it hands out (blocks rounded to 2 MiB segments, fragmentation): ``ALLOCATOR_OVERHEAD``,
+      a fraction of the traced peak. Both are documented constants you may change.
+
+Budget: "12 GB" on an RTX 4070's box means 12 GiB (nvidia-smi shows 12,282 MiB, 6 MiB short of
+12 GiB), so ``budget_gb`` is read in GiB: ``budget_bytes = budget_gb * 2**30``. If the card also drives a
+display, the desktop takes a few hundred MiB: pass a smaller budget.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+GiB = 1024**3
+
+# The CUDA context of a torch 2.x process (CUDA 12 wheels, lazy module loading, the default on Linux
+# since CUDA 11.7) is commonly reported at ~300-450 MiB in nvidia-smi once a matmul has run, plus
+# a few to tens of MiB of cuBLAS/cuBLASLt workspace. Without lazy loading the kernels alone took
+# ~1.3 GB (Hugging Face docs, "Model training anatomy"). 0.5 GiB is a slightly cautious round
+# figure. Not yet measured on a 4070 here: compare nvidia-smi with cuda_peak() there and adjust.
+CUDA_CONTEXT_BYTES = 512 * 1024**2
+# The caching allocator rounds sizes up (512 B; 2 MiB and 20 MiB segments) and freed blocks fragment,
+# so max_memory_reserved() exceeds max_memory_allocated() in a steady training loop, by a few to
+# ~15 % (a rule of thumb; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lowers it). We add 8 %.
+ALLOCATOR_OVERHEAD = 0.08
+
+CATEGORIES = ("params", "grads", "optimizer", "activations", "temporaries", "buffers",
+              "cuda_context", "allocator_overhead")
+_FROM_TRACKER = {"Parameter": "params", "Gradient": "grads", "Optstate": "optimizer",
+                 "Activation": "activations", "Other": "activations", "Temp": "temporaries",
+                 "Buffer": "buffers"}
+
+
+@dataclass
+class TrainJob:
+    """One full-size training step to estimate: how to build the model, a micro-batch, and the loss."""
+    make_model: Callable[[], torch.nn.Module]
+    make_batch: Callable[[], Any]
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]
+    make_optimizer: Callable[[Iterable], torch.optim.Optimizer] | None = None
+    amp_dtype: torch.dtype | None = torch.bfloat16
+    name: str = ""
+    notes: str = ""
+
+
+@dataclass
+class VramReport:
+    """The estimated peak of one training step, split by what holds the memory."""
+    name: str
+    breakdown: dict[str, int]
+    peak_bytes: int
+    budget_bytes: int
+    notes: str
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "peak_bytes": self.peak_bytes, "peak_gib": self.peak_bytes / GiB,
+                "budget_bytes": self.budget_bytes, "fits": self.fits,
+                "breakdown": dict(self.breakdown), "notes": self.notes}
+
+    def _verdict(self) -> str:
+        budget, margin = self.budget_bytes / GiB, abs(self.budget_bytes - self.peak_bytes) / GiB
+        if self.fits:
+            return f"fits {budget:.1f} GB with {margin:.1f} GiB headroom"
+        return f"does NOT fit {budget:.1f} GB: over by {margin:.1f} GiB"
+
+    def __str__(self) -> str:
+        lines = [f"VRAM estimate: {self.name or 'training step'} (peak of one training step)"]
+        lines += [f"  {cat:<20}{b / GiB:8.2f} GiB" for cat, b in self.breakdown.items()]
+        lines += ["  " + "-" * 32, f"  {'peak':<20}{self.peak_bytes / GiB:8.2f} GiB"]
+        if self.notes:
+            lines.append(f"  notes: {self.notes}")
+        return "\n".join(lines + [self._verdict()])
+
+    def plot(self, ax=None):
+        """A horizontal bar of the peak split by category, with the budget marked. Returns the Figure."""
+        import matplotlib.pyplot as plt
+
+        from labkit.plot import PALETTE, apply_style  # the book's one look
+
+        apply_style()
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(8, 2.4), layout="constrained")
+        else:
+            fig = ax.figure
+        left = 0.0
+        for i, (cat, b) in enumerate(self.breakdown.items()):
+            if b > 0:
+                ax.barh(0, b / GiB, left=left, height=0.6, color=PALETTE[i % len(PALETTE)],
+                        label=cat.replace("_", " "))
+                left += b / GiB
+        budget = self.budget_bytes / GiB
+        ax.axvline(budget, color="black", linestyle="--", linewidth=1.5, label=f"budget {budget:.1f} GB")
+        ax.set_xlim(0, max(left, budget) * 1.05)
+        ax.set_yticks([])
+        ax.set_xlabel("GiB")
+        ax.set_title(f"{self.name or 'training step'}: peak {self.peak_bytes / GiB:.1f} GiB, "
+                     + ("fits" if self.fits else "does NOT fit") + f" {budget:.1f} GB")
+        ax.legend(ncols=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), frameon=False)
+        return fig
+
+
+# ---------------------------------------------------------------- making the CPU trace look like CUDA
+def _autocast_dtype() -> torch.dtype | None:
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Memory stand-in for CUDA's flash / memory-efficient attention (no values: the trace is fake)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):
+        shape = q.shape[:-1] + v.shape[-1:]
+        if q.dim() == 4:  # the CUDA kernels write (batch, seq, heads, dim) and return a transposed view,
+            # so the usual `y.transpose(1, 2).contiguous()` after attention is free
+            out = q.new_empty(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2)
+        else:
+            out = q.new_empty(shape)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # log-sum-exp, one per query row
+        ctx.save_for_backward(q, k, v, out, lse, mask if isinstance(mask, torch.Tensor) else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, _, lse, _ = ctx.saved_tensors
+        dq_accum = q.new_empty(q.shape, dtype=torch.float32)  # FlashAttention-2 accumulates dq in fp32
+        delta = torch.empty_like(lse)  # rowsum(dO * O)
+        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+        del dq_accum, delta
+        return (*grads, None)
+
+
+def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                enable_gqa=False):
+    dtype = _autocast_dtype()  # autocast casts SDPA's inputs to the low precision on CUDA and CPU
+    if dtype is not None:
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+        if isinstance(attn_mask, torch.Tensor) and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(dtype)
+    return _FusedAttention.apply(query, key, value, attn_mask)
+
+
+# CUDA autocast's float32 rules that matter for memory. Softmax-like ops get dtype=float32 (they read
+# the low precision and write float32); the others have their inputs cast to float32, as CUDA does.
+# The numbers give where each softmax variant takes `dtype` positionally.
+_FP32_OUTPUT = {F.softmax: 3, F.log_softmax: 3, torch.softmax: 2, torch.log_softmax: 2,
+                torch.Tensor.softmax: 2, torch.Tensor.log_softmax: 2}
+_FP32_INPUTS = {F.layer_norm, F.group_norm, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__,
+                torch.Tensor.__rpow__, torch.exp, torch.Tensor.exp, torch.log, torch.Tensor.log,
+                torch.rsqrt, torch.Tensor.rsqrt, torch.reciprocal, torch.Tensor.reciprocal}
+
+
+def _to_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.is_floating_point() else t
+
+
+class _CudaLikeKernels(TorchFunctionMode):
+    """Route the calls whose memory differs between CPU and CUDA to a CUDA-like version."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is F.scaled_dot_product_attention:
+            return _fused_sdpa(*args, **kwargs)
+        low = _autocast_dtype()
+        if low is not None and (func in _FP32_OUTPUT or func in _FP32_INPUTS):
+            tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            if any(t.dtype == low for t in tensors):
+                if func in _FP32_INPUTS:
+                    args, kwargs = tree_map_only(torch.Tensor, _to_fp32, (args, kwargs))
+                elif len(args) <= _FP32_OUTPUT[func] and kwargs.get("dtype") is None:
+                    kwargs["dtype"] = torch.float32
+        return func(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- the estimate
+def _call(what: str, fn: Callable, *args):
+    """Call one of the user's callables; say which one failed instead of a deep torch traceback."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        hint = ""
+        if "meta" in str(e):
+            hint = (" (a tensor made in make_model that is neither a parameter nor a buffer stays on "
+                    "the meta device: register it with register_buffer, or build it in forward)")
+        raise RuntimeError(f"labkit.vram.estimate: {what} raised {type(e).__name__}: {e}{hint}") from e
+
+
+def _shared(named: Iterable[tuple[str, torch.Tensor]]) -> list[list[str]]:
+    """Groups of names under which one tensor is registered more than once (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, t in named:
+        groups.setdefault(id(t), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(model: torch.nn.Module, groups: list[list[str]], registry: str) -> None:
+    for first, *others in groups:
+        prefix, _, leaf = first.rpartition(".")
+        tensor = getattr(model.get_submodule(prefix), registry)[leaf]
+        for name in others:
+            prefix, _, leaf = name.rpartition(".")
+            getattr(model.get_submodule(prefix), registry)[leaf] = tensor
+
+
+def _step(job: TrainJob, model, optimizer, batch, tracker, micro_batches: int) -> None:
+    for _ in range(micro_batches):
+        tracker.reset_mod_stats()  # MemTracker refuses a second root forward otherwise
+        with torch.autocast("cpu", dtype=job.amp_dtype, enabled=job.amp_dtype is not None):
+            loss = _call("loss_fn", job.loss_fn, model, batch)
+        if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad):
+            raise ValueError("labkit.vram.estimate: loss_fn must return a scalar tensor that requires "
+                             f"grad, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+        _call("loss.backward() (the backward of loss_fn)", loss.backward)
+        del loss
+    _call("optimizer.step()", optimizer.step)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _trace(job: TrainJob) -> tuple[str, dict[str, int]]:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    with torch.device("meta"):
+        model = _call("make_model", job.make_model)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"labkit.vram.estimate: make_model must return an nn.Module, "
+                         f"got {type(model).__name__}")
+    tied_params = _shared(model.named_parameters(remove_duplicate=False))
+    tied_buffers = _shared(model.named_buffers(remove_duplicate=False))
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
+        model.to_empty(device="cpu")
+        _retie(model, tied_params, "_parameters")
+        _retie(model, tied_buffers, "_buffers")
+        model.train()
+        make_opt = job.make_optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
+        optimizer = _call("make_optimizer", make_opt, model.parameters())
+        for group in optimizer.param_groups:  # leave the choice open -> what CUDA would pick
+            if group.get("foreach", False) is None and not group.get("fused"):
+                group["foreach"] = True
+        batch = _call("make_batch", job.make_batch)
+        # Warm-up: one step on zero gradients creates the optimizer state (AdamW makes it lazily)
+        # without paying for a forward and backward; the tracker then sees it as optimizer memory.
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
+        _call("optimizer.step()", optimizer.step)
+        optimizer.zero_grad(set_to_none=True)
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer,
+                               *[t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)])
+        with tracker, _CudaLikeKernels():
+            _step(job, model, optimizer, batch, tracker, micro_batches=2)  # a steady accumulation step
+        peak = tracker.get_tracker_snapshot("peak")
+    traced = dict.fromkeys(CATEGORIES[:6], 0)
+    for device_snapshot in peak.values():
+        for kind, nbytes in device_snapshot.items():
+            category = _FROM_TRACKER.get(getattr(kind, "value", kind))
+            if category:
+                traced[category] += nbytes
+    return job.name or type(model).__name__, traced
+
+
+def estimate(job: TrainJob, budget_gb: float = 12.0) -> VramReport:
+    """Estimate the peak GPU memory of one training step of ``job`` at full size, on any machine.
+
+    ``budget_gb`` is read in GiB (see the module docstring): 12.0 -> 12 * 2**30 bytes.
+    Global state (default device and dtype, grad mode, autocast) is restored even when the job raises.
+    """
+    device, dtype, grad = torch.get_default_device(), torch.get_default_dtype(), torch.is_grad_enabled()
+    autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            name, breakdown = _trace(job)
+    finally:
+        if torch.get_default_device() != device:
+            torch.set_default_device(device)
+        torch.set_default_dtype(dtype)
+        torch.set_grad_enabled(grad)
+        torch.set_autocast_enabled("cpu", autocast[0])
+        torch.set_autocast_dtype("cpu", autocast[1])
+    traced_peak = sum(breakdown.values())
+    breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
+    breakdown["allocator_overhead"] = int(ALLOCATOR_OVERHEAD * traced_peak)
+    return VramReport(name=name, breakdown=breakdown, peak_bytes=sum(breakdown.values()),
+                      budget_bytes=int(budget_gb * GiB), notes=job.notes)
+
+
+# ---------------------------------------------------------------- the live meter
+def cuda_peak() -> dict | None:
+    """The real peak since the last reset, on CUDA: allocated (tensors) and reserved (allocator)."""
+    if not torch.cuda.is_available():
+        return None
+    return {"allocated_bytes": torch.cuda.max_memory_allocated(),
+            "reserved_bytes": torch.cuda.max_memory_reserved()}
+
+
+def reset_cuda_peak() -> None:
+    """Start a new peak measurement (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()

@@ -1,0 +1,104 @@
+"""The book builds with warnings as errors, and a real headless browser renders its pages with their plots."""
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from .conftest import NOTEBOOKS, ROOT
+
+pytestmark = pytest.mark.slow
+BUILD = Path(os.environ.get("LABKIT_BOOK_BUILD", ROOT / "_build" / "test-book"))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(scope="module")
+def html():
+    """Build once per session (executing every chapter at the tiny size, network blocked)."""
+    env = dict(os.environ, LABKIT_SIZE="tiny", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "offline"), os.environ.get("PYTHONPATH")])))
+    env.pop("MPLBACKEND", None)
+    jb = Path(sys.executable).parent / "jupyter-book"
+    proc = subprocess.run([str(jb), "build", str(ROOT), "--path-output", str(BUILD), "-W", "-n", "--keep-going"],
+                          capture_output=True, text=True, env=env, timeout=2400)
+    log = proc.stdout[-6000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0, f"jupyter-book build failed:\n{log}"
+    return BUILD / "_build" / "html"
+
+
+def test_every_page_is_built(html):
+    assert (html / "book" / "intro.html").exists()
+    for nb in NOTEBOOKS:
+        page = html / "notebooks" / f"{nb.stem}.html"
+        assert page.exists(), f"{page} missing"
+        text = page.read_text()
+        assert "Traceback" not in text, f"{page.name} shows a traceback"
+    assert "2026" in (html / "book" / "intro.html").read_text()   # copyright set
+
+
+PROBE = """<!doctype html><html><body><pre id="result">pending</pre>
+<iframe id="f" src="{page}" style="width:1280px;height:900px"></iframe>
+<script>
+document.getElementById('f').addEventListener('load', () => {{
+  const doc = document.getElementById('f').contentDocument;
+  const imgs = Array.from(doc.querySelectorAll('main img'));
+  const wait = imgs.map(i => i.complete ? Promise.resolve() : new Promise(r => {{ i.onload = r; i.onerror = r; }}));
+  Promise.all(wait).then(() => {{
+    document.getElementById('result').textContent = JSON.stringify({{
+      title: doc.title, h1: (doc.querySelector('main h1') || {{}}).textContent || '',
+      images: imgs.length, loaded: imgs.filter(i => i.naturalWidth > 0).length }});
+  }});
+}});
+</script></body></html>"""
+
+
+def render(html: Path, page: str, shot: Path) -> dict:
+    """Serve the book on loopback, open the page in headless Chromium, return what it saw."""
+    if CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is required under CI (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium not installed: `apt-get install chromium` to render the book")
+    (html / "_probe.html").write_text(PROBE.format(page=page))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(html))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={shot.parent / 'chromium-profile'}", "--virtual-time-budget=8000"]
+    try:
+        dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", f"{base}/_probe.html"], capture_output=True,
+                             text=True, timeout=180).stdout
+        subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,900", f"{base}/{page}"],
+                       capture_output=True, timeout=180)
+    finally:
+        server.shutdown()
+    m = re.search(r'<pre id="result">(.*?)</pre>', dom, re.S)
+    assert m and m.group(1) != "pending", f"the page did not finish loading in the browser: {dom[:500]}"
+    import html as html_lib
+
+    return json.loads(html_lib.unescape(m.group(1)))
+
+
+def test_browser_renders_the_intro(html, tmp_path):
+    seen = render(html, "book/intro.html", BUILD / "intro.png")
+    print(seen)
+    assert "from scratch" in seen["h1"]
+    assert (BUILD / "intro.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS[:1], ids=[nb.stem for nb in NOTEBOOKS[:1]])
+def test_browser_renders_a_chapter_with_its_plots(html, nb):
+    seen = render(html, f"notebooks/{nb.stem}.html", BUILD / f"{nb.stem}.png")
+    print(seen)
+    assert seen["h1"].strip(), "the chapter has no title"
+    assert seen["images"] >= 2, "the executed chapter shows fewer than 2 images (plots)"
+    assert seen["loaded"] == seen["images"], f"{seen['images'] - seen['loaded']} images failed to load"

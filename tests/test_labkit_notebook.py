@@ -1,0 +1,83 @@
+"""labkit.notebook: tagged-cell loading, exercises, stubs, the learner copy."""
+import nbformat
+import pytest
+
+from labkit import notebook
+from labkit.check import ExerciseError
+
+
+def make_nb(path, cells):
+    nb = nbformat.v4.new_notebook()
+    for kind, src, tags in cells:
+        cell = nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
+        cell.metadata["tags"] = tags
+        nb.cells.append(cell)
+    nbformat.write(nb, path)
+    return path
+
+
+EXERCISE = '''def double(x):
+    """Return twice x."""
+    y = x * 2
+    return y
+
+
+class Box:
+    def area(self, w, h):
+        return w * h
+'''
+
+
+@pytest.fixture
+def nb(tmp_path):
+    return make_nb(tmp_path / "99_demo.ipynb", [
+        ("md", "# Demo", []),
+        ("code", "import math\nSCALE = 3", ["model"]),
+        ("code", "print('training, not for tests')\nraise SystemExit", []),
+        ("code", "def scaled(x):\n    return SCALE * x\n%matplotlib inline", ["model"]),
+        ("code", EXERCISE, ["exercise"]),
+        ("code", "from labkit.check import check_true\ncheck_true(double(21) == 42, 'double(21) should be 42')", ["check"]),
+        ("code", "def vram_job():\n    return 'job'", ["vram"]),
+    ])
+
+
+def test_load_runs_only_tagged_cells(nb):
+    ns = notebook.load(nb)
+    assert ns["scaled"](2) == 6 and "double" not in ns and "vram_job" not in ns
+    ns = notebook.load(nb, ("model", "vram"))
+    assert ns["vram_job"]() == "job"
+    assert notebook.as_module(nb).scaled(1) == 3
+    with pytest.raises(LookupError, match="no code cells tagged"):
+        notebook.load(nb, "nothing")
+
+
+def test_exercise_solution_passes_and_wrong_answer_fails(nb):
+    assert len(notebook.exercises(nb)) == 1
+    notebook.run_exercise(nb, 0)
+    with pytest.raises(ExerciseError, match="should be 42"):
+        notebook.run_exercise(nb, 0, "def double(x):\n    return x + 2")
+
+
+def test_stub_keeps_signature_and_docstring():
+    stub = notebook.stub_source(EXERCISE)
+    assert 'def double(x):\n    """Return twice x."""\n    raise NotImplementedError' in stub
+    assert "def area(self, w, h):\n        raise NotImplementedError" in stub
+    assert "x * 2" not in stub and "w * h" not in stub
+    ns = {}
+    exec(stub, ns)
+    with pytest.raises(NotImplementedError, match="double"):
+        ns["double"](1)
+
+
+def test_strip_writes_learner_copy(nb, tmp_path):
+    out = notebook.strip(nb, tmp_path / "learner.ipynb")
+    cells = nbformat.read(out, as_version=4).cells
+    ex = [c for c in cells if "exercise" in c.metadata.get("tags", [])][0]
+    assert "NotImplementedError" in ex.source and "x * 2" not in ex.source
+    with pytest.raises(NotImplementedError, match="Exercise: write `double`"):
+        notebook.run_exercise(out, 0)
+
+
+def test_resolve_by_bare_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        notebook.resolve("00_no_such_chapter")
