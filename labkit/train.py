@@ -43,7 +43,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 10
     log_every: int = 10
-    amp: bool = True                     # autocast in labkit.device.amp_dtype() (bf16 on recent GPUs; off on CPU)
+    amp: bool | str = True               # True: labkit.device.amp_dtype() (bf16 on recent GPUs, off on CPU);
+                                         # "bf16" / "fp16": force that autocast dtype (bf16 also helps some CPUs)
     seed: int = 1337
     ckpt_path: str | None = None         # where checkpoints go; None = no checkpoints
     progress: bool = True                # tqdm progress bar (a widget in Jupyter)
@@ -157,7 +158,11 @@ class Trainer:
         self.flops_per_item = flops_per_item
         self.peak = peak_flops if peak_flops is not None else globals()["peak_flops"](self.device)
         self.eval_fn = eval_fn
-        self.amp_dtype = default_amp_dtype(self.device) if self.cfg.amp else None
+        forced = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        if isinstance(self.cfg.amp, str) and self.cfg.amp not in forced:
+            raise ValueError(f"TrainConfig.amp must be True, False, 'bf16' or 'fp16' (got {self.cfg.amp!r})")
+        self.amp_dtype = forced[self.cfg.amp] if isinstance(self.cfg.amp, str) else (
+            default_amp_dtype(self.device) if self.cfg.amp else None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
         self.history: list[dict] = []
