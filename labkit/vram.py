@@ -1,58 +1,57 @@
 """The VRAM meter: the peak memory of one training step, measured on a GPU or estimated without one.
 
-Why estimate on a CPU?  Every chapter ends with "will the full-size model train on a 12 GB card?".
-Readers (and CI) often have no GPU, so :func:`estimate` answers by *tracing* one full-size training
-step: no real memory is allocated and no arithmetic is done, so GPT-2 124M takes a few seconds.
+Every chapter asks "will the full-size model train on a 12 GB card?", and readers (and CI) often have
+no GPU. :func:`estimate` answers by *tracing* one full-size training step on fake tensors: nothing is
+allocated and nothing computed, so GPT-2 124M takes a few seconds on a laptop CPU.
 
 How :func:`estimate` works
-    1. ``make_model()`` runs under ``torch.device("meta")``: tensors have shapes, no storage.
-    2. Inside ``FakeTensorMode`` the model gets fake CPU storage (``to_empty``); weights tied on the
-       meta model (GPT-2's ``lm_head``/``wte``) are tied again, since ``to_empty`` unties them.
-    3. ``MemTracker`` (torch.distributed._tools) sees every storage that is created or freed and tags
-       it: parameter, buffer, gradient, activation (made in forward), temporary (made in backward),
+    1. ``make_model()`` runs under ``torch.device("meta")`` (shapes, no storage); inside
+       ``FakeTensorMode`` the model then gets fake CPU storage (``to_empty``). ``to_empty`` unties tied
+       weights (GPT-2's ``lm_head``/``wte``), so we tie them again.
+    2. ``MemTracker`` (torch.distributed._tools) sees every storage created or freed and tags it:
+       parameter, buffer, gradient, activation (made in forward), temporary (made in backward),
        optimizer state (made in ``optimizer.step``).
-    4. A warm-up optimizer step on zero gradients creates AdamW's state (it is made lazily). Then one
-       steady step is traced: **two micro-batches** (forward + backward each), then the optimizer step.
-       The gradients of the first micro-batch are alive while the second runs, as in gradient
-       accumulation, so the peak read is that of a steady accumulation step. A loop that frees the
+    3. A warm-up step on zero gradients creates AdamW's (lazy) state. Then one steady step is traced:
+       **two micro-batches** (forward + backward each), then the optimizer step. The first one's
+       gradients are alive while the second runs, as in gradient accumulation; a loop that frees the
        gradients before every forward peaks lower by at most the ``grads`` line.
-    5. The breakdown is the tracker's categories at the instant of the peak (so they add up to it);
-       the batch itself is counted with ``activations``. Then two GPU-only lines are added (below).
+    4. The breakdown is the tracker's categories at the instant of the peak, so they add up to it
+       (the batch counts as ``activations``); then two GPU-only lines are added (below).
 
 Where a CPU trace differs from a CUDA step, and what we do about it
-    * Attention kernels. On CUDA, ``F.scaled_dot_product_attention`` runs a fused kernel (flash or
-      memory-efficient, with dropout and masks) that saves q, k, v, the output and a float32
-      log-sum-exp, never the s x s score matrix. The CPU takes its math path whenever dropout is on,
-      and that stores several s x s tensors per layer. We replace the call by a stand-in with the
-      fused kernels' memory (output laid out as they lay it out); its backward allocates dq, dk, dv and
-      FlashAttention-2's float32 dq accumulator. Attention written by hand (matmul + softmax) is
-      traced as is: a GPU stores its scores too.
-    * Autocast policy. CUDA autocast runs softmax, log_softmax, layer_norm, group_norm, pow, exp, log,
-      rsqrt and reciprocal in float32; CPU autocast keeps them in bfloat16. We apply the CUDA rule to
-      these, which store big tensors in common models (attention probabilities, log-probabilities
-      over a vocabulary, the tanh GELU of GPT-2). The other ops CUDA runs in float32 (sum, cumsum,
-      norm, the losses, ...) keep the CPU policy, a small error.
-    * Optimizer. On CUDA torch's default is the multi-tensor ("foreach") implementation, whose step
-      allocates a temporary as large as all parameters; on CPU it loops per tensor. Where the optimizer
-      leaves the choice open we set ``foreach=True``, the CUDA default.
-    * Loss. Cross-entropy is the same aten ops on both devices: its float32 log-probabilities and their
-      gradient (for a 50k vocabulary, the largest tensors of a small LM's step) are traced faithfully,
-      as is a chunked loss written in PyTorch. A fused loss written in Triton cannot run here: write
-      the plain equivalent in ``loss_fn`` and read the estimate as an upper bound. Likewise for
-      ``torch.compile`` (its graphs usually save fewer activations): the estimate is for eager mode.
-    * What the allocator never sees: the CUDA context (driver state, the kernels of torch, cuBLAS,
-      cuDNN) lives outside torch's allocator: ``CUDA_CONTEXT_BYTES``. The caching allocator reserves
-      more than it hands out (blocks rounded to 2 MiB segments, fragmentation): ``ALLOCATOR_OVERHEAD``,
-      a fraction of the traced peak. Both are documented constants you may change.
+    * Attention. On CUDA, ``F.scaled_dot_product_attention`` runs a fused kernel (flash or memory-
+      efficient, dropout and masks included) that saves q, k, v, the output and a float32 log-sum-exp,
+      never the s x s scores. The CPU takes its math path whenever dropout is on and stores several
+      s x s tensors per layer. We swap in a stand-in with the fused kernels' memory (and output layout);
+      its backward allocates dq, dk, dv and FlashAttention-2's float32 dq accumulator. Attention
+      written by hand (matmul + softmax) is traced as is: a GPU stores those scores too.
+    * Autocast. CUDA runs softmax, log_softmax, layer_norm, group_norm, pow, exp, log, rsqrt and
+      reciprocal in float32; CPU autocast keeps them in bfloat16. We apply the CUDA rule to these,
+      which store big tensors in common models (attention probabilities, log-probabilities over a
+      vocabulary, GPT-2's tanh GELU). CUDA's other float32 ops (sum, cumsum, norm, the losses, ...)
+      keep the CPU rule: a small error.
+    * Optimizer. torch's CUDA default is the multi-tensor ("foreach") step, which allocates a
+      temporary as large as all parameters; on CPU it loops per tensor. Where the optimizer leaves the
+      choice open we set ``foreach=True``.
+    * Loss. Cross-entropy runs the same aten ops on both: its float32 log-probabilities and their
+      gradient (for a 50k vocabulary, the biggest tensors of a small LM's step) are traced faithfully,
+      as is a chunked loss written in PyTorch. A fused Triton loss cannot run here: put the plain loss
+      in ``loss_fn`` and read the estimate as an upper bound. The same holds for ``torch.compile``
+      (compiled graphs usually save less): the estimate is for eager mode.
+    * What torch's allocator never sees: the CUDA context (driver, torch's kernels, cuBLAS):
+      ``CUDA_CONTEXT_BYTES``; and what it reserves beyond what it hands out (rounding, fragmentation):
+      ``ALLOCATOR_OVERHEAD``, a fraction of the traced peak. Both are documented constants below.
 
 Budget: "12 GB" on an RTX 4070's box means 12 GiB (nvidia-smi shows 12,282 MiB, 6 MiB short of
-12 GiB), so ``budget_gb`` is read in GiB: ``budget_bytes = budget_gb * 2**30``. If the card also drives a
-display, the desktop takes a few hundred MiB: pass a smaller budget.
+12 GiB), so ``budget_gb`` is read in GiB: ``budget_bytes = budget_gb * 2**30``. If the card also
+drives a display, the desktop takes a few hundred MiB: pass a smaller budget.
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -62,11 +61,11 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 GiB = 1024**3
 
-# The CUDA context of a torch 2.x process (CUDA 12 wheels, lazy module loading, the default on Linux
-# since CUDA 11.7) is commonly reported at ~300-450 MiB in nvidia-smi once a matmul has run, plus
-# a few to tens of MiB of cuBLAS/cuBLASLt workspace. Without lazy loading the kernels alone took
-# ~1.3 GB (Hugging Face docs, "Model training anatomy"). 0.5 GiB is a slightly cautious round
-# figure. Not yet measured on a 4070 here: compare nvidia-smi with cuda_peak() there and adjust.
+# The CUDA context of a torch 2.x process with lazy module loading (CUDA_MODULE_LOADING=LAZY, which
+# torch sets when unset) is commonly reported at ~300-450 MiB in nvidia-smi once a matmul has run,
+# plus a few to tens of MiB of cuBLAS workspace. With eager loading the kernels alone took ~1.3 GB
+# (Hugging Face docs, "Model training anatomy"). 0.5 GiB is a slightly cautious round figure, not
+# yet measured on a 4070 here: compare nvidia-smi with cuda_peak() there and adjust.
 CUDA_CONTEXT_BYTES = 512 * 1024**2
 # The caching allocator rounds sizes up (512 B; 2 MiB and 20 MiB segments) and freed blocks fragment,
 # so max_memory_reserved() exceeds max_memory_allocated() in a steady training loop, by a few to
@@ -82,7 +81,13 @@ _FROM_TRACKER = {"Parameter": "params", "Gradient": "grads", "Optstate": "optimi
 
 @dataclass
 class TrainJob:
-    """One full-size training step to estimate: how to build the model, a micro-batch, and the loss."""
+    """One full-size training step to estimate: how to build the model, a micro-batch, and the loss.
+
+    ``make_model`` runs under ``torch.device("meta")`` and ``make_batch`` under ``FakeTensorMode``, so
+    both are free at any size (but must not read values: no ``.item()``, no weight loading).
+    ``loss_fn(model, batch)`` runs the forward and returns the scalar loss, under autocast(amp_dtype).
+    ``make_optimizer(params)`` defaults to ``AdamW(params, lr=1e-4)``: two fp32 states per parameter.
+    """
     make_model: Callable[[], torch.nn.Module]
     make_batch: Callable[[], Any]
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]
@@ -112,9 +117,8 @@ class VramReport:
 
     def _verdict(self) -> str:
         budget, margin = self.budget_bytes / GiB, abs(self.budget_bytes - self.peak_bytes) / GiB
-        if self.fits:
-            return f"fits {budget:.1f} GB with {margin:.1f} GiB headroom"
-        return f"does NOT fit {budget:.1f} GB: over by {margin:.1f} GiB"
+        return (f"fits {budget:.1f} GB with {margin:.1f} GiB headroom" if self.fits
+                else f"does NOT fit {budget:.1f} GB: over by {margin:.1f} GiB")
 
     def __str__(self) -> str:
         lines = [f"VRAM estimate: {self.name or 'training step'} (peak of one training step)"]
@@ -131,10 +135,8 @@ class VramReport:
         from labkit.plot import PALETTE, apply_style  # the book's one look
 
         apply_style()
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(8, 2.4), layout="constrained")
-        else:
-            fig = ax.figure
+        own = ax is None
+        fig, ax = plt.subplots(figsize=(8, 2.8), layout="constrained") if own else (ax.figure, ax)
         left = 0.0
         for i, (cat, b) in enumerate(self.breakdown.items()):
             if b > 0:
@@ -148,7 +150,10 @@ class VramReport:
         ax.set_xlabel("GiB")
         ax.set_title(f"{self.name or 'training step'}: peak {self.peak_bytes / GiB:.1f} GiB, "
                      + ("fits" if self.fits else "does NOT fit") + f" {budget:.1f} GB")
-        ax.legend(ncols=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), frameon=False)
+        if own:  # below the bar, outside it; on a caller's axes, inside
+            fig.legend(loc="outside lower center", ncols=5, fontsize=8)
+        else:
+            ax.legend(fontsize=8)
         return fig
 
 
@@ -162,12 +167,10 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask):
-        shape = q.shape[:-1] + v.shape[-1:]
-        if q.dim() == 4:  # the CUDA kernels write (batch, seq, heads, dim) and return a transposed view,
-            # so the usual `y.transpose(1, 2).contiguous()` after attention is free
-            out = q.new_empty(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2)
-        else:
-            out = q.new_empty(shape)
+        shape = q.shape[:-1] + v.shape[-1:]  # CUDA's kernels write (batch, seq, heads, dim) and return
+        # a transposed view, so the usual `y.transpose(1, 2).contiguous()` after attention is free
+        out = (q.new_empty(shape[0], shape[2], shape[1], shape[3]).transpose(1, 2) if q.dim() == 4
+               else q.new_empty(shape))
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # log-sum-exp, one per query row
         ctx.save_for_backward(q, k, v, out, lse, mask if isinstance(mask, torch.Tensor) else None)
         return out
@@ -175,11 +178,10 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, _, lse, _ = ctx.saved_tensors
-        dq_accum = q.new_empty(q.shape, dtype=torch.float32)  # FlashAttention-2 accumulates dq in fp32
-        delta = torch.empty_like(lse)  # rowsum(dO * O)
-        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-        del dq_accum, delta
-        return (*grads, None)
+        # FlashAttention-2's workspace, alive while the gradients are made: dq accumulated in float32,
+        # and rowsum(dO * O) per query row
+        workspace = (q.new_empty(q.shape, dtype=torch.float32), torch.empty_like(lse))  # noqa: F841
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
 def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -254,6 +256,32 @@ def _retie(model: torch.nn.Module, groups: list[list[str]], registry: str) -> No
             getattr(model.get_submodule(prefix), registry)[leaf] = tensor
 
 
+_NO_HOOK = SimpleNamespace(remove=lambda: None)  # stands for a hook handle we never registered
+
+
+def _peak_tracker():
+    """A MemTracker that keeps only the global peak (its per-module peaks, unused here, cost half the
+    run time: every op walks every module) and accepts frozen parameters (LoRA's base weights)."""
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    class PeakTracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            # MemTracker hooks every parameter's gradient, which raises for one without requires_grad
+            for p in module.parameters():
+                if not p.requires_grad and p not in self._param_to_grad_hook_handles:
+                    self._param_to_grad_hook_handles[p] = (_NO_HOOK, _NO_HOOK)
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            if not hasattr(self, "_peak_mem_snap"):  # a torch that renamed its internals: slow path
+                return super()._update_peak_stats(peak_state)
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev], self._peak_mem_snap[dev] = snap[_TOTAL_KEY], dict(snap)
+
+    return PeakTracker()
+
+
 def _step(job: TrainJob, model, optimizer, batch, tracker, micro_batches: int) -> None:
     for _ in range(micro_batches):
         tracker.reset_mod_stats()  # MemTracker refuses a second root forward otherwise
@@ -270,7 +298,6 @@ def _step(job: TrainJob, model, optimizer, batch, tracker, micro_batches: int) -
 
 def _trace(job: TrainJob) -> tuple[str, dict[str, int]]:
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     with torch.device("meta"):
         model = _call("make_model", job.make_model)
@@ -292,11 +319,13 @@ def _trace(job: TrainJob) -> tuple[str, dict[str, int]]:
         batch = _call("make_batch", job.make_batch)
         # Warm-up: one step on zero gradients creates the optimizer state (AdamW makes it lazily)
         # without paying for a forward and backward; the tracker then sees it as optimizer memory.
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p) if p.requires_grad else None
+        trained = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        for p in trained:
+            p.grad = torch.zeros_like(p)
         _call("optimizer.step()", optimizer.step)
-        optimizer.zero_grad(set_to_none=True)
-        tracker = MemTracker()
+        for p in trained:
+            p.grad = None
+        tracker = _peak_tracker()
         tracker.track_external(model, optimizer,
                                *[t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)])
         with tracker, _CudaLikeKernels():
@@ -319,11 +348,15 @@ def estimate(job: TrainJob, budget_gb: float = 12.0) -> VramReport:
     """
     device, dtype, grad = torch.get_default_device(), torch.get_default_dtype(), torch.is_grad_enabled()
     autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs a traceback per failed op
+    log_level = fake_log.level
     try:
+        fake_log.setLevel(logging.CRITICAL)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             name, breakdown = _trace(job)
     finally:
+        fake_log.setLevel(log_level)
         if torch.get_default_device() != device:
             torch.set_default_device(device)
         torch.set_default_dtype(dtype)

@@ -75,9 +75,24 @@ def test_optimizer_step_is_traced_as_cuda_runs_it():
     report = estimate(linear_job(rows=1))
     show(report, optimizer=12 * P + 4 * 2 * L)
     assert report.breakdown["optimizer"] == 12 * P + 4 * 2 * L
-    # an optimizer that asks for the per-tensor loop keeps it: a temporary one tensor large
+    # an optimizer that asks for the per-tensor loop keeps it: temporaries of one or two weights only
     loop = estimate(linear_job(rows=1, make_optimizer=lambda p: torch.optim.AdamW(p, foreach=False)))
-    assert loop.breakdown["optimizer"] == 8 * P + 4 * 2 * L + 4 * D * D
+    assert 8 * P < loop.breakdown["optimizer"] <= 8 * P + 4 * 2 * L + 2 * 4 * (D * D + D)
+
+
+def test_frozen_parameters_have_no_gradient_and_no_optimizer_state():
+    def half_frozen():  # as LoRA's base weights: trained layer after a frozen one
+        model = nn.Sequential(nn.Linear(D, D), nn.Linear(D, D))
+        model[0].requires_grad_(False)
+        return model
+
+    job = linear_job()
+    job.make_model = half_frozen  # the default AdamW is handed all parameters, frozen ones too
+    report = estimate(job)
+    layer = D * D + D
+    show(report, params=2 * 4 * layer, grads=4 * layer, optimizer=8 * layer + 4 * 2)
+    b = report.breakdown
+    assert (b["params"], b["grads"], b["optimizer"]) == (2 * 4 * layer, 4 * layer, 8 * layer + 4 * 2)
 
 
 def test_estimate_works_under_no_grad_and_leaves_it_off():
@@ -141,13 +156,14 @@ def test_gpt2_124m_batch_12x1024_bf16():
     seconds = time.perf_counter() - t0
     b, sbh, tokens = report.breakdown, B * S * d, B * S
     n_params = 124_439_808  # GPT-2 small with lm_head tied to wte: the embedding counted once
-    n_tensors = sum(1 for _ in GPT().parameters())
+    with torch.device("meta"):
+        n_tensors = sum(1 for _ in GPT().parameters())  # AdamW keeps a step counter for each
     per_layer = (36 * sbh  # bytes per (token x channel): fp32 into both LayerNorms (4 + 4), bf16 casts
                  #   of their outputs for qkv and fc (2 + 2), q, k, v (6), attention output = proj input
                  #   (2), fc output = GELU input (8), GELU output (8)
                  + 2 * 8 * tokens  # LayerNorm mean and rstd, fp32
                  + 4 * B * H * S  # the attention kernel's fp32 log-sum-exp
-                 + 2 * (12 * d * d + 9 * d))  # bf16 copies of the weights that autocast made and matmul saved
+                 + 2 * 12 * d * d)  # bf16 copies of the weights that autocast made and matmul saved
     analytic_act = (Lyr * per_layer + 6 * sbh + 8 * tokens  # fp32 ln_f input, bf16 head input, ln_f stats
                     + 2 * V * d  # bf16 copy of the tied head weight
                     + 4 * tokens * V  # fp32 log-probabilities kept by cross-entropy
@@ -157,7 +173,8 @@ def test_gpt2_124m_batch_12x1024_bf16():
     print(f"  estimated in {seconds:.1f} s")
     assert b["params"] == b["grads"] == 4 * n_params  # 0.46 GiB, not 0.61 (to_empty unties wte/lm_head)
     assert b["optimizer"] == 8 * n_params + 4 * n_tensors
-    assert abs(b["activations"] / analytic_act - 1) < 0.005  # no s x s term: a flash-like kernel
+    # exact up to the scalar losses (tolerance 0.01 %); no s x s term: a flash-like attention kernel
+    assert abs(b["activations"] / analytic_act - 1) < 1e-4
     # the peak is in cross-entropy's backward: the gradient of nll_loss and of log_softmax, both fp32
     assert b["temporaries"] == 2 * 4 * tokens * V
     assert 14 * GiB < report.peak_bytes < 15 * GiB and not report.fits
