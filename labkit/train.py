@@ -311,15 +311,18 @@ class Trainer:
         return self.history
 
     def _oom_message(self) -> str:
-        alloc = torch.cuda.max_memory_allocated(self.device) / 1024**3
-        total = torch.cuda.get_device_properties(self.device).total_memory / 1024**3
-        torch.cuda.empty_cache()
-        return (f"CUDA ran out of memory (peak allocated {alloc:.2f} GiB of {total:.2f} GiB).\n"
+        used = ""
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            alloc = torch.cuda.max_memory_allocated(self.device) / 1024**3
+            total = torch.cuda.get_device_properties(self.device).total_memory / 1024**3
+            used = f" (peak allocated {alloc:.2f} GiB of {total:.2f} GiB)"
+            torch.cuda.empty_cache()
+        return (f"CUDA ran out of memory at step {self.step}{used}.\n"
                 "Knobs, from cheapest to dearest:\n"
                 "  - halve the micro-batch and double TrainConfig.grad_accum (same tokens per step, same result);\n"
                 "  - turn on activation checkpointing in the model config, if the chapter offers it;\n"
                 "  - shorten the sequence length / image size;\n"
-                "  - check the estimate first: `labkit vram NOTEBOOK --size full` shows where the memory goes.")
+                "  - see where the memory goes first: `labkit vram NOTEBOOK --size full` prints the breakdown.")
 
     def _draw(self, final: bool = False) -> None:
         if not self.cfg.live_plot or not _in_notebook():

@@ -164,3 +164,34 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
         save_atomic({"x": Boom()}, tmp_path / "a.pt")
     assert os.listdir(tmp_path) == ["a.pt"]            # the old checkpoint survives, no temp left
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["x"], torch.ones(3))
+
+
+def test_out_of_memory_is_answered_with_the_knobs():
+    def oom(split, g):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    t = Trainer(TinyModel(), oom, config=cfg(), device="cpu")
+    with pytest.raises(RuntimeError) as e:
+        t.fit()
+    msg = str(e.value)
+    assert "ran out of memory at step 0" in msg and "grad_accum" in msg and "labkit vram" in msg
+    assert isinstance(e.value.__cause__, torch.cuda.OutOfMemoryError)
+
+
+def test_throughput_and_mfu_are_logged():
+    t = Trainer(TinyModel(), get_batch, config=cfg(max_steps=10, log_every=5), device="cpu",
+                items_per_batch=16 * 11, flops_per_item=1e6, peak_flops=1e12)
+    hist = t.fit()
+    logged = [h for h in hist if "items_per_s" in h]
+    assert [h["step"] for h in logged] == [5, 10]
+    for h in logged:
+        assert h["items_per_s"] > 0
+        assert h["mfu"] == pytest.approx(h["items_per_s"] * 1e6 / 1e12)
+
+
+def test_forced_bf16_autocast_and_bad_amp_value():
+    t = Trainer(TinyModel(), get_batch, config=cfg(max_steps=4, amp="bf16"), device="cpu")
+    assert t.amp_dtype == torch.bfloat16
+    t.fit()
+    with pytest.raises(ValueError, match="amp must be"):
+        Trainer(TinyModel(), get_batch, config=cfg(amp="int4"), device="cpu")
