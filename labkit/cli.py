@@ -3,7 +3,8 @@
   labkit doctor                                   what this machine can run
   labkit run NOTEBOOK [--size tiny|full]          execute a chapter, write the executed copy
   labkit vram NOTEBOOK [--size full] [--budget-gb 12] [--json]
-                                                  estimate the chapter's training peak; exit 0 only if it fits
+                                                  estimate the chapter's training peak; exit 0 if it fits,
+                                                  1 if it does not, 2 on an error
   labkit strip NOTEBOOK [-o OUT]                  learner copy: exercise solutions become stubs
 """
 from __future__ import annotations
@@ -69,7 +70,11 @@ def cmd_vram(args) -> int:
     if "vram_job" not in ns:
         print(f"{path.name} has no `vram_job()` in a cell tagged `vram` (see CONTRIBUTING.md, 'Cell tags')", file=sys.stderr)
         return 2
-    report = estimate(ns["vram_job"](), budget_gb=args.budget_gb)
+    try:
+        report = estimate(ns["vram_job"](), budget_gb=args.budget_gb)
+    except Exception as e:  # a crash is not "does not fit": exit 2, so scripts can tell them apart
+        print(f"labkit vram: estimating {path.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0 if report.fits else 1
 

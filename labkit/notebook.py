@@ -17,7 +17,9 @@ Conventions (documented in DESIGN.md):
 from __future__ import annotations
 
 import ast
+import itertools
 import os
+import sys
 import types
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +27,7 @@ from pathlib import Path
 import nbformat
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+_counter = itertools.count()
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -65,11 +68,20 @@ def _chdir(path: Path):
         os.chdir(old)
 
 
+def new_namespace(name: str) -> dict:
+    """A fresh module registered in ``sys.modules``, so that cells defining dataclasses (which look their
+    module up there) or pickling classes work exactly as in a kernel."""
+    mod = types.ModuleType(name)
+    sys.modules[name] = mod
+    return mod.__dict__
+
+
 def run_sources(sources: list[str], namespace: dict | None = None, filename: str = "<notebook>", cwd=None) -> dict:
-    ns = namespace if namespace is not None else {"__name__": "__labkit_notebook__"}
+    ns = namespace if namespace is not None else new_namespace(f"labkit_notebook_{next(_counter)}")
     with _chdir(Path(cwd) if cwd else Path.cwd()):
         for i, src in enumerate(sources):
-            code = compile(_clean(src), f"{filename}[cell {i}]", "exec")
+            # dont_inherit: this file's `from __future__ import annotations` must not leak into the cells
+            code = compile(_clean(src), f"{filename}[cell {i}]", "exec", dont_inherit=True)
             exec(code, ns)  # noqa: S102 - running the course's own notebook cells is the point
     return ns
 
@@ -89,10 +101,10 @@ def load(path, tags: tuple[str, ...] | str = ("model",), namespace: dict | None 
 
 
 def as_module(path, tags=("model",), name: str | None = None) -> types.ModuleType:
-    """Like ``load`` but returns a module object (attribute access: ``m.GPT``)."""
-    mod = types.ModuleType(name or Path(path).stem)
-    load(path, tags, mod.__dict__)
-    return mod
+    """Like ``load`` but returns the module object (attribute access: ``m.GPT``)."""
+    ns = new_namespace(name or f"labkit_notebook_{Path(path).stem}_{next(_counter)}")
+    load(path, tags, ns)
+    return sys.modules[ns["__name__"]]
 
 
 # --- exercises -------------------------------------------------------------------------------------

@@ -86,3 +86,9 @@ def test_run_reports_a_failing_cell(tmp_path):
 def test_bad_size_is_rejected():
     with pytest.raises(SystemExit):
         main(["run", "x.ipynb", "--size", "huge"])
+
+
+def test_vram_crash_exits_2_not_1(tmp_path, capsys):
+    nb = make_nb(tmp_path / "94_crash.ipynb", [("code", "def vram_job():\n    raise RuntimeError('bad config')", ["vram"])])
+    assert main(["vram", str(nb)]) == 2
+    assert "bad config" in capsys.readouterr().err

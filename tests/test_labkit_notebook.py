@@ -81,3 +81,16 @@ def test_strip_writes_learner_copy(nb, tmp_path):
 def test_resolve_by_bare_name(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         notebook.resolve("00_no_such_chapter")
+
+
+def test_dataclasses_and_future_imports_work_in_loaded_cells(tmp_path):
+    """Cells run in a registered module: @dataclass (which looks its module up) works, and labkit's own
+    `from __future__ import annotations` does not leak into the cells."""
+    nb = make_nb(tmp_path / "95_dc.ipynb", [
+        ("code", "from dataclasses import dataclass\n@dataclass\nclass Config:\n    width: int = 4\n"
+                 "def hint(x: 'int') -> int:\n    return x\nANNOT = hint.__annotations__", ["model"]),
+    ])
+    ns = notebook.load(nb)
+    assert ns["Config"]().width == 4
+    assert ns["ANNOT"]["return"] is int          # a string here would mean the future import leaked
+    assert notebook.as_module(nb).Config(width=2).width == 2
