@@ -77,12 +77,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def adamw(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (embeddings and linear weights), fused on CUDA."""
+    """AdamW with weight decay on matrices only (embeddings and linear weights), fused on CUDA and CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device is not None and device.type == "cuda"
+    fused = device is not None and device.type in ("cuda", "cpu")  # fused kernels exist for both (torch >= 2.4)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
