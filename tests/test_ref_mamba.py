@@ -1,0 +1,263 @@
+"""Chapter 07 (Mamba) against the PyPI references, given the same weights, plus its internal equivalences.
+
+References: `transformers` `MambaMixer` and `MambaForCausalLM` on their pure-PyTorch slow path (no mamba-ssm /
+causal-conv1d needed; they print that they fall back), and `mambapy`'s parallel scan when it is installed.
+Internal: sequential = parallel (any chunk size, with and without recomputation) = recurrent steps; cached
+decoding = full forward. Every comparison prints its max error; tolerances are for float32.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import labkit.notebook
+
+from .test_exercises import assert_wrong_answers_fail
+
+NB = "07_mamba"
+ATOL, RTOL = 1e-5, 1e-4
+
+
+@pytest.fixture(scope="module")
+def ch():
+    return labkit.notebook.load(NB, ("model", "bench"))
+
+
+def _ref_config(**overrides):
+    from transformers import MambaConfig
+
+    kw = dict(vocab_size=128, hidden_size=64, state_size=16, expand=2, conv_kernel=4, num_hidden_layers=2)
+    return MambaConfig(**{**kw, **overrides})
+
+
+def _our_config(ch, **overrides):
+    kw = dict(vocab_size=128, d_model=64, n_layer=2, d_state=16, expand=2, d_conv=4)
+    return ch["MambaConfig"](**{**kw, **overrides})
+
+
+def _report(name, got, expected, atol=ATOL, rtol=RTOL):
+    err = (got - expected).abs().max().item()
+    print(f"{name}: max abs error {err:.2e} (|ref| max {expected.abs().max().item():.2e})")
+    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+    return err
+
+
+def _perturb(module, seed=0, scale=0.05):
+    """Move every parameter off its initial value (D = 1, zero biases...) so that each one matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+# --------------------------------------------------------------------------- the block vs transformers
+@pytest.mark.parametrize("scan,chunk_size", [("sequential", 64), ("parallel", 64), ("parallel", 7)])
+def test_mixer_matches_transformers(ch, scan, chunk_size):
+    from transformers.models.mamba.modeling_mamba import MambaMixer as RefMixer
+
+    torch.manual_seed(0)
+    ref = RefMixer(_ref_config(), layer_idx=0).eval()
+    _perturb(ref)
+    ours = ch["MambaMixer"](_our_config(ch, scan=scan, chunk_size=chunk_size), 0).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)       # same names, same shapes: 1:1
+
+    x = torch.randn(2, 37, 64)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_ours = ref(x_ref), ours(x_ours)
+    _report(f"MambaMixer output ({scan}, chunk {chunk_size})", y_ours, y_ref)
+
+    w = torch.randn_like(y_ref)
+    (y_ref * w).sum().backward()
+    (y_ours * w).sum().backward()
+    _report("d loss / d input", x_ours.grad, x_ref.grad)
+    ref_params = dict(ref.named_parameters())
+    worst = max(_report(f"d loss / d {name}", p.grad, ref_params[name].grad, atol=1e-4, rtol=1e-4)
+                for name, p in ours.named_parameters())
+    print(f"worst parameter-gradient error: {worst:.2e}")
+
+
+def test_lm_matches_transformers(ch):
+    from transformers import MambaForCausalLM
+
+    torch.manual_seed(0)
+    ref = MambaForCausalLM(_ref_config()).eval()
+    _perturb(ref)
+    ours = ch["MambaLM"](_our_config(ch)).eval()
+    missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=True)
+    assert not missing and not unexpected
+    assert ours.lm_head.weight is ours.backbone.embeddings.weight         # still tied after loading
+    idx = torch.randint(0, 128, (2, 45))
+    with torch.no_grad():
+        _report("MambaForCausalLM logits", ours(idx)[0], ref(idx).logits)
+
+
+def test_greedy_generation_matches_transformers(ch):
+    """Our prefill + recurrent steps vs transformers' generate() with its own cache: the same tokens."""
+    from transformers import MambaForCausalLM
+
+    torch.manual_seed(1)
+    ref = MambaForCausalLM(_ref_config()).eval()
+    _perturb(ref, seed=1, scale=0.2)
+    ours = ch["MambaLM"](_our_config(ch)).eval()
+    ours.load_state_dict(ref.state_dict())
+    prompt = torch.randint(1, 128, (1, 9))
+    expected = ref.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12, use_cache=True,
+                            pad_token_id=0, eos_token_id=None)
+    got = ours.generate(prompt, max_new_tokens=12, temperature=0)
+    print("transformers:", expected[0].tolist(), "\nours:        ", got[0].tolist())
+    assert torch.equal(got, expected)
+
+
+# --------------------------------------------------------------------------- internal equivalences
+def test_cached_decoding_equals_full_forward(ch):
+    torch.manual_seed(0)
+    model = ch["MambaLM"](_our_config(ch)).eval()
+    _perturb(model, scale=0.1)
+    idx = torch.randint(0, 128, (3, 40))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = ch["MambaCache"].empty(model.config, batch_size=3)
+        pieces = [model(idx[:, :11], cache=cache)[0], model(idx[:, 11:20], cache=cache)[0]]   # two prefills
+        pieces += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(20, 40)]             # then steps
+    _report("cached decoding (prefill 11 + 9, 20 steps) vs full forward", torch.cat(pieces, 1), full)
+    assert cache.nbytes == ch["mamba_state_bytes"](model.config, batch_size=3, bytes_per_value=4)
+
+
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_three_scans_agree(ch, with_h0):
+    x, delta, A, B, C, D, z = ch["random_scan_inputs"](b=2, L=83, d=12, n=16, seed=3)
+    h0 = torch.randn(2, 12, 16) if with_h0 else None
+    y_seq, h_seq = ch["selective_scan_sequential"](x, delta, A, B, C, D, z, h0)
+    for chunk_size in (1, 5, 16, 64, 100):
+        y_par, h_par = ch["selective_scan_parallel"](x, delta, A, B, C, D, z, h0, chunk_size=chunk_size)
+        _report(f"parallel (chunk {chunk_size}) vs sequential: y", y_par, y_seq)
+        _report(f"parallel (chunk {chunk_size}) vs sequential: last state", h_par, h_seq)
+    h = torch.zeros(2, 12, 16) if h0 is None else h0
+    ys = []
+    for t in range(x.shape[1]):
+        y_t, h = ch["selective_scan_step"](h, x[:, t], delta[:, t], A, B[:, t], C[:, t], D)
+        ys.append(y_t * F.silu(z[:, t]))
+    _report("recurrent steps vs sequential: y", torch.stack(ys, 1), y_seq)
+    _report("recurrent steps vs sequential: last state", h, h_seq)
+
+
+def test_scan_gradients_agree_with_and_without_recompute(ch):
+    inputs = ch["random_scan_inputs"](b=2, L=50, d=8, n=16, seed=4)
+    w = torch.randn(2, 50, 8)
+    grads = {}
+    for name, fn in {
+        "sequential": ch["selective_scan_sequential"],
+        "parallel": lambda *a: ch["selective_scan_parallel"](*a, chunk_size=16),
+        "parallel, recomputed": lambda *a: ch["selective_scan_parallel"](*a, chunk_size=16, checkpoint_chunks=True),
+    }.items():
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        (fn(*leaves)[0] * w).sum().backward()
+        grads[name] = [t.grad for t in leaves]
+    for name in ("parallel", "parallel, recomputed"):
+        for arg, g, g_ref in zip("x delta A B C D z".split(), grads[name], grads["sequential"]):
+            _report(f"{name} vs sequential: d/d{arg}", g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_logspace_is_exact_when_short_and_overflows_when_long(ch):
+    """The chapter's claim about the cumsum closed form, both halves."""
+    short = ch["random_scan_inputs"](L=12, seed=5)
+    _report("log-space vs sequential (short)", ch["selective_scan_logspace"](*short)[0],
+            ch["selective_scan_sequential"](*short)[0])
+    long = ch["random_scan_inputs"](L=300, seed=5)
+    assert torch.isnan(ch["selective_scan_logspace"](*long)[0]).any()
+    assert torch.isfinite(ch["selective_scan_parallel"](*long)[0]).all()
+
+
+def test_mambapy_pscan_matches(ch):
+    pscan = pytest.importorskip("mambapy.pscan").pscan
+    x, delta, A, B, C, D, z = ch["random_scan_inputs"](b=2, L=64, d=8, n=16, seed=6)
+    dA = torch.exp(delta[..., None] * A)
+    dBx = (delta * x)[..., None] * B[:, :, None, :]
+    _, H = ch["hillis_steele"](dA, dBx)
+    _report("Hillis-Steele vs mambapy pscan (all states)", H, pscan(dA.clone(), dBx.clone()))
+
+
+def test_causal_conv_is_causal_and_matches_nn_conv1d(ch):
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
+    x = torch.randn(2, 6, 20)
+    y, _ = ch["causal_conv1d"](x, conv.weight, conv.bias)
+    _report("causal_conv1d vs nn.Conv1d(padding=k-1)[..., :L]", y, conv(x)[..., :20])
+
+
+# --------------------------------------------------------------------------- initialisation and configs
+def test_initialisation_follows_the_paper(ch):
+    torch.manual_seed(0)
+    cfg = _our_config(ch, d_model=256)
+    mixer = ch["MambaMixer"](cfg)
+    N = cfg.d_state
+    assert torch.allclose(mixer.A_log, torch.log(torch.arange(1, N + 1.0)).expand(cfg.d_inner, N))   # S4D-real
+    assert torch.equal(mixer.D, torch.ones(cfg.d_inner))
+    dt = F.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= cfg.dt_min * (1 - 1e-4) and dt.max() <= cfg.dt_max * (1 + 1e-4)
+    median = dt.log().median().exp().item()                     # log-uniform: geometric middle 0.01
+    print(f"Δ at init: min {dt.min():.2e} median {median:.2e} max {dt.max():.2e}")
+    assert 0.005 < median < 0.02
+    bound = cfg.dt_rank ** -0.5
+    assert mixer.dt_proj.weight.abs().max() <= bound
+
+
+def test_presets(ch):
+    cfg = ch["MambaConfig"].preset("mamba-130m")
+    assert (cfg.n_layer, cfg.d_model, cfg.d_state, cfg.expand, cfg.vocab_size, cfg.dt_rank) == (24, 768, 16, 2, 50280, 48)
+    with torch.device("meta"):
+        n = ch["MambaLM"](cfg).num_params()
+    print(f"Mamba-130M: {n / 1e6:.1f}M parameters")
+    assert 125e6 < n < 135e6
+    with pytest.raises(ValueError, match="unknown preset"):
+        ch["MambaConfig"].preset("mamba-7b")
+    with pytest.raises(ValueError, match="scan must be"):
+        ch["MambaConfig"](scan="fast")
+
+
+def test_benchmark_function_runs(ch):
+    out = ch["benchmark_scans"](lengths=(8, 16), repeats=1)
+    assert out["lengths"] == [8, 16]
+    assert all(len(v) == 2 and all(t > 0 for t in v) for mode in ("forward", "train") for v in out[mode].values())
+
+
+# --------------------------------------------------------------------------- the exercises' wrong answers
+WRONG_ANSWERS = {
+    # Euler's method instead of the zero-order hold: Ā = 1 + ΔA
+    0: '''
+def zoh(delta, A, B):
+    dA = 1 + delta[..., None] * A
+    dB = delta[..., None] * B[..., None, :]
+    return dA, dB
+''',
+    # reads the output from the state *before* the update (off by one step)
+    1: '''
+def scan_loop(dA, dBx, C):
+    h = torch.zeros_like(dA[:, 0])
+    ys = []
+    for t in range(dA.shape[1]):
+        ys.append(torch.einsum("ben,bn->be", h, C[:, t]))
+        h = dA[:, t] * h + dBx[:, t]
+    return torch.stack(ys, dim=1)
+''',
+    # "same" padding as for images: the output sees one step of the future
+    2: '''
+def causal_conv_shifts(x, weight, bias):
+    k = weight.shape[-1]
+    return F.conv1d(x, weight, bias, padding=k // 2, groups=x.shape[1])[..., :x.shape[-1]]
+''',
+    # the convolution window in the wrong order: the newest input first
+    3: '''
+def mixer_step(mixer, x_t, conv_state, ssm_state):
+    x, z = mixer.in_proj(x_t).chunk(2, dim=-1)
+    window = torch.cat([x[..., None], conv_state], dim=-1)
+    x = F.silu((window * mixer.conv1d.weight[:, 0]).sum(-1) + mixer.conv1d.bias)
+    delta, B, C = mixer.ssm_parameters(x)
+    y, ssm_state = selective_scan_step(ssm_state, x, delta, -torch.exp(mixer.A_log), B, C, mixer.D)
+    return mixer.out_proj(y * F.silu(z)), window[..., :-1], ssm_state
+''',
+}
+
+
+def test_wrong_answers_are_rejected():
+    assert_wrong_answers_fail(NB, WRONG_ANSWERS)
