@@ -1,0 +1,382 @@
+"""Chapter 10 (diffusion with a U-Net) against an independent reference: diffusers.
+
+The chapter's schedules, forward process and samplers are loaded from the notebook's `model` cells and
+compared with diffusers' `DDPMScheduler` / `DDIMScheduler` for the linear and the cosine ("squaredcos_cap_v2")
+schedules: `add_noise`, one ancestral step, one DDIM step (several η, with and without x̂₀ clipping, every
+step and respaced), and whole sampling loops. The chapter's U-Net has exactly diffusers' `UNet2DModel` layout:
+the same parameter count for every preset, and with our weights loaded into diffusers (through the name map
+below) the same outputs and gradients. Cross-attention is checked against diffusers' `Attention`. Also:
+gradient checkpointing changes nothing, EMA follows its formula, the full-size image loader works on a local
+image folder and explains itself offline, and each exercise check rejects a plausible wrong answer.
+"""
+import re
+from dataclasses import replace
+
+import pytest
+import torch
+
+from labkit import notebook
+from labkit.data import DataUnavailable
+
+from .conftest import ROOT
+from .test_exercises import assert_wrong_answers_fail
+
+NB = ROOT / "notebooks" / "10_unet.ipynb"
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def ns():
+    return notebook.load(NB, ("model", "data"))
+
+
+# name of the diffusers scheduler config -> how the chapter builds the same schedule
+SCHEDULES = {
+    "linear": (dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02), lambda NS: NS.linear(1000)),
+    "squaredcos_cap_v2": (dict(beta_schedule="squaredcos_cap_v2"), lambda NS: NS.cosine(1000)),
+}
+
+
+def _ddpm(kind, clip=True):
+    return diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=clip, **SCHEDULES[kind][0])
+
+
+def _ddim(kind, clip=True):
+    return diffusers.DDIMScheduler(num_train_timesteps=1000, clip_sample=clip, set_alpha_to_one=True,
+                                   steps_offset=0, timestep_spacing="leading", **SCHEDULES[kind][0])
+
+
+def _ours(ns, kind):
+    return SCHEDULES[kind][1](ns["NoiseSchedule"])
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_schedule_and_add_noise_match_diffusers(ns, kind):
+    ref, ours = _ddpm(kind), _ours(ns, kind)
+    err_beta = (ours.betas - ref.betas).abs().max().item()
+    err_abar = (ours.alphas_cumprod - ref.alphas_cumprod).abs().max().item()
+    x0, noise = _randn(8, 3, 16, 16, seed=1).clamp(-1, 1), _randn(8, 3, 16, 16, seed=2)
+    t = torch.tensor([0, 1, 10, 250, 500, 750, 998, 999])
+    err_noise = (ours.add_noise(x0, t, noise) - ref.add_noise(x0, noise, t)).abs().max().item()
+    print(f"\n[{kind}] max |Δβ| {err_beta:.1e}, max |Δᾱ| {err_abar:.1e}, max |Δ add_noise| {err_noise:.1e}")
+    assert err_beta < 1e-7 and err_abar < 1e-7
+    assert err_noise < 1e-6
+
+
+@pytest.mark.parametrize("steps", [50, 25, 10])
+def test_timesteps_match_diffusers(ns, steps):
+    ref_ddim, ref_ddpm = _ddim("linear"), _ddpm("linear")
+    ref_ddim.set_timesteps(steps)
+    ref_ddpm.set_timesteps(steps)
+    ours = ns["timesteps_for"](_ours(ns, "linear"), steps)
+    assert ours == ref_ddim.timesteps.tolist() == ref_ddpm.timesteps.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ one step
+@pytest.mark.parametrize("kind", SCHEDULES)
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("steps", [None, 50])            # None: every step (t → t − 1); 50: respaced (t → t − 20)
+def test_ancestral_step_matches_ddpm_scheduler(ns, kind, clip, steps):
+    ours, ref = _ours(ns, kind), _ddpm(kind, clip)
+    if steps:
+        ref.set_timesteps(steps)
+    stride = 1000 // steps if steps else 1
+    worst = 0.0
+    for i, t in enumerate([980, 960, 500, 40, 20, 0] if steps else [999, 998, 500, 37, 1, 0]):
+        x_t, eps = _randn(4, 3, 8, 8, seed=10 + i), _randn(4, 3, 8, 8, seed=20 + i)
+        expected = ref.step(eps, t, x_t, generator=torch.Generator().manual_seed(i)).prev_sample
+        noise = _randn(4, 3, 8, 8, seed=i)                 # what diffusers draws from the same generator
+        got = ns["ddpm_step"](ours, eps, t, t - stride, x_t, noise, clip=clip)
+        worst = max(worst, (got - expected).abs().max().item())
+    print(f"\n[{kind}, clip={clip}, steps={steps}] ancestral step: max error {worst:.1e}")
+    assert worst < 2e-5
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_step_matches_ddim_scheduler(ns, kind, clip, eta):
+    ours, ref = _ours(ns, kind), _ddim(kind, clip)
+    worst = 0.0
+    for steps in (50, 25):
+        ref.set_timesteps(steps)
+        ts = ns["timesteps_for"](ours, steps)
+        for i, t in enumerate(ts[:2] + ts[len(ts) // 2: len(ts) // 2 + 1] + ts[-2:]):
+            x_t, eps, z = _randn(4, 3, 8, 8, seed=i), _randn(4, 3, 8, 8, seed=50 + i), _randn(4, 3, 8, 8, seed=99 + i)
+            expected = ref.step(eps, t, x_t, eta=eta, variance_noise=z if eta > 0 else None).prev_sample
+            got = ns["ddim_step"](ours, eps, t, t - 1000 // steps, x_t, eta=eta, noise=z, clip=clip)
+            worst = max(worst, (got - expected).abs().max().item())
+    print(f"\n[{kind}, clip={clip}, η={eta}] DDIM step: max error {worst:.1e}")
+    assert worst < 2e-5
+
+
+def test_sinusoidal_embedding_matches_diffusers(ns):
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = torch.tensor([0, 1, 7, 100, 999])
+    for dim in (16, 64, 128):
+        ref = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        err = (ns["sinusoidal_embedding"](t, dim) - ref).abs().max().item()
+        print(f"\n[dim {dim}] timestep embedding: max error {err:.1e}")
+        assert err < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ the U-Net
+def diffusers_name(ours: str) -> str:
+    """Our parameter name -> the same tensor's name in diffusers' UNet2DModel."""
+    k = ours
+    k = re.sub(r"^(down|up)\.(\d+)\.attns\.(\d+)\.self_attn\.", lambda m: f"{m[1]}_blocks.{m[2]}.attentions.{m[3]}.", k)
+    k = re.sub(r"^mid\.attns\.0\.self_attn\.", "mid_block.attentions.0.", k)
+    k = re.sub(r"^down\.(\d+)\.resample\.", r"down_blocks.\1.downsamplers.0.", k)
+    k = re.sub(r"^up\.(\d+)\.resample\.", r"up_blocks.\1.upsamplers.0.", k)
+    k = re.sub(r"^(down|up)\.", r"\1_blocks.", k)
+    k = re.sub(r"^mid\.", "mid_block.", k)
+    for a, b in [(".time_proj.", ".time_emb_proj."), (".skip.", ".conv_shortcut."), (".norm.", ".group_norm."),
+                 (".to_out.", ".to_out.0."), ("time_mlp.0.", "time_embedding.linear_1."),
+                 ("time_mlp.2.", "time_embedding.linear_2."), ("class_emb.", "class_embedding."),
+                 ("norm_out.", "conv_norm_out.")]:
+        k = k.replace(a, b)
+    return k
+
+
+def unet2d_like(cfg):
+    """diffusers' UNet2DModel with the layout a chapter UNetConfig describes (no cross-attention)."""
+    assert cfg.context_dim is None, "UNet2DModel has no cross-attention"
+    return diffusers.UNet2DModel(
+        sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=tuple(cfg.channels), layers_per_block=cfg.layers_per_level,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention)),
+        norm_num_groups=cfg.norm_groups, attention_head_dim=cfg.head_dim, norm_eps=cfg.norm_eps,
+        num_class_embeds=cfg.num_classes, dropout=cfg.dropout, flip_sin_to_cos=True, freq_shift=0)
+
+
+def _layouts(ns):
+    P, C = ns["UNET_PRESETS"], ns["UNetConfig"]
+    return {
+        "pixel-tiny": P["pixel-tiny"],
+        "3 levels, 2 blocks, classes": C(image_size=16, channels=(16, 32, 48), attention=(False, True, True),
+                                        layers_per_level=2, norm_groups=8, head_dim=8, num_classes=7),
+        "attention everywhere": C(image_size=8, in_channels=4, out_channels=4, channels=(32, 32),
+                                  attention=(True, True), norm_groups=8, head_dim=16),
+    }
+
+
+@pytest.mark.parametrize("preset", ["pixel-tiny", "pixel-64", "latent-full", "latent-tiny"])
+def test_parameter_count_matches_unet2dmodel_exactly(ns, preset):
+    cfg = ns["UNET_PRESETS"][preset]
+    extra = 0
+    if cfg.context_dim:                         # our cross-attention blocks: compare the rest with UNet2DModel
+        with torch.device("meta"):
+            ours = ns["UNet"](cfg)
+        extra = sum(p.numel() for n, p in ours.named_parameters() if ".cross_attn." in n)
+        cfg = replace(cfg, context_dim=None)
+    with torch.device("meta"):
+        ours, ref = ns["UNet"](cfg), unet2d_like(cfg)
+    mapped = {diffusers_name(n): tuple(p.shape) for n, p in ours.named_parameters()}
+    theirs = {n: tuple(p.shape) for n, p in ref.named_parameters()}
+    n_ours, n_ref = sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in ref.parameters())
+    print(f"\n[{preset}] ours {n_ours + extra:,} = UNet2DModel {n_ref:,} + cross-attention {extra:,}")
+    assert n_ours == n_ref
+    assert mapped == theirs, "the parameter names/shapes differ from UNet2DModel's"
+
+
+@pytest.mark.parametrize("layout", ["pixel-tiny", "3 levels, 2 blocks, classes", "attention everywhere"])
+def test_unet_outputs_and_grads_match_unet2dmodel(ns, layout):
+    cfg = _layouts(ns)[layout]
+    torch.manual_seed(0)
+    ours, ref = ns["UNet"](cfg), unet2d_like(cfg)
+    with torch.no_grad():                                      # nothing at its default (GroupNorm 1/0, zero biases)
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.load_state_dict({diffusers_name(k): v for k, v in ours.state_dict().items()}, strict=True)
+    B, S = 3, cfg.image_size
+    x = _randn(B, cfg.in_channels, S, S, seed=3)
+    t = torch.tensor([0, 421, 999])
+    labels = torch.tensor([0, 3, 6]) if cfg.num_classes else None
+    out_ours = ours(x, t, labels=labels)
+    out_ref = ref(x, t, class_labels=labels).sample
+    err = (out_ours - out_ref).abs().max().item()
+    out_ours.pow(2).mean().backward()
+    out_ref.pow(2).mean().backward()
+    ref_params = dict(ref.named_parameters())
+    grad_err, bad = 0.0, []
+    for n, p in ours.named_parameters():             # (key biases have zero gradient: softmax ignores them)
+        g_ref = ref_params[diffusers_name(n)].grad
+        e = (p.grad - g_ref).abs().max().item()
+        grad_err = max(grad_err, e)
+        if e > 1e-7 + 1e-4 * g_ref.abs().max().item():
+            bad.append(f"{n}: {e:.1e}")
+    print(f"\n[{layout}] {sum(p.numel() for p in ours.parameters()):,} params: max |output error| {err:.1e} "
+          f"(outputs up to {out_ref.abs().max():.2f}), max |grad error| {grad_err:.1e} over all parameters")
+    assert err < 1e-5
+    assert not bad, bad
+
+
+def test_cross_attention_matches_diffusers_attention(ns):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    ours = ns["Attention"](32, head_dim=16, groups=4, eps=1e-5, context_dim=24)
+    ref = Attention(32, cross_attention_dim=24, heads=2, dim_head=16, norm_num_groups=4, eps=1e-5, bias=True,
+                    out_bias=True, residual_connection=True)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ref.load_state_dict({k.replace("norm.", "group_norm.").replace("to_out.", "to_out.0."): v
+                         for k, v in ours.state_dict().items()}, strict=True)
+    x, ctx = _randn(2, 32, 8, 8, seed=1), _randn(2, 4, 24, seed=2)
+    err = (ours(x, ctx) - ref(x, encoder_hidden_states=ctx)).abs().max().item()
+    err_self = (ns["Attention"](32, 16, 4)(x) - x).abs().max().item()    # sanity: not the identity
+    print(f"\ncross-attention vs diffusers Attention: max error {err:.1e}")
+    assert err < 1e-5 and err_self > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ sampling loops
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_whole_sampling_loop_matches_diffusers(ns, sampler):
+    """Our `sample` vs a diffusers loop (scheduler.set_timesteps + step) with the same U-Net weights."""
+    cfg = ns["UNET_PRESETS"]["pixel-tiny"]
+    torch.manual_seed(0)
+    ours = ns["UNet"](cfg).eval()
+    ref = unet2d_like(cfg).eval()
+    ref.load_state_dict({diffusers_name(k): v for k, v in ours.state_dict().items()})
+    sched = _ours(ns, "squaredcos_cap_v2")
+    shape, steps = (2, 3, 16, 16), 10
+    got = ns["sample"](ours, sched, shape, steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(5))
+    scheduler = (_ddim if sampler == "ddim" else _ddpm)("squaredcos_cap_v2")
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            eps = ref(x, t).sample
+            x = (scheduler.step(eps, t, x).prev_sample if sampler == "ddim"
+                 else scheduler.step(eps, t, x, generator=g).prev_sample)
+    err = (got - x).abs().max().item()
+    print(f"\n[{sampler}, {steps} steps] whole sampling loop: max error {err:.1e}")
+    assert err < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ internals
+def test_gradient_checkpointing_changes_nothing(ns):
+    cfg = ns["UNetConfig"](image_size=8, in_channels=4, out_channels=4, channels=(16, 32), attention=(True, True),
+                           context_dim=8)
+    torch.manual_seed(0)
+    plain = ns["UNet"](cfg).train()
+    ckpt = ns["UNet"](replace(cfg, grad_checkpoint=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x, ctx, t = _randn(2, 4, 8, 8), _randn(2, 3, 8, seed=1), torch.tensor([3, 700])
+    outs = []
+    for m in (plain, ckpt):
+        y = m(x, t, context=ctx)
+        y.pow(2).mean().backward()
+        outs.append((y.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    err_y = (outs[0][0] - outs[1][0]).abs().max().item()
+    err_g = max((outs[0][1][n] - outs[1][1][n]).abs().max().item() for n in outs[0][1])
+    print(f"\ncheckpointing: output error {err_y:.1e}, grad error {err_g:.1e}")
+    assert err_y == 0.0 and err_g < 1e-6
+
+
+def test_ema_follows_its_formula(ns):
+    model = torch.nn.Linear(3, 2)
+    ema = ns["EMA"](model, decay=0.9)
+    start = ema.model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    expected = start.clone()
+    for k in range(1, 21):
+        ema.update(model)
+        d = min(0.9, (1 + k) / (10 + k))
+        expected = d * expected + (1 - d) * 1.0
+    assert torch.allclose(ema.model.weight, expected, atol=1e-6)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_diffusion_loss_is_l_simple_without_weighting(ns):
+    sched = _ours(ns, "squaredcos_cap_v2")
+    x0, noise, t = _randn(4, 3, 8, 8).clamp(-1, 1), _randn(4, 3, 8, 8, seed=1), torch.tensor([1, 10, 500, 990])
+    model = lambda x_t, t_: torch.zeros_like(x_t)               # predicts no noise: loss = mean ε²
+    plain = ns["diffusion_loss"](model, sched, x0, t, noise, min_snr_gamma=None)
+    assert torch.allclose(plain, noise.pow(2).mean())
+    weighted = ns["diffusion_loss"](model, sched, x0, t, noise, min_snr_gamma=5.0)
+    w = (sched.snr(t).clamp(max=5.0) / sched.snr(t))
+    assert torch.allclose(weighted, (noise.pow(2).mean((1, 2, 3)) * w).mean())
+    assert w[0] < 0.1 and w[-1] == 1.0                          # low noise down-weighted, high noise untouched
+
+
+def test_tokenizer_and_text_to_image_shapes(ns):
+    ids = ns["tokenize"](["a large red circle", ""])
+    assert ids.tolist()[1] == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="prompts are"):
+        ns["tokenize"](["a huge red circle"])
+    model = ns["TextToImage"](ns["UNET_PRESETS"]["latent-tiny"])
+    assert model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), ids).shape == (2, 4, 8, 8)
+
+
+# ------------------------------------------------------------------------------------------------ full-size data
+def test_hub_images_on_a_local_image_folder(ns, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    folder = tmp_path / "images" / "train"
+    folder.mkdir(parents=True)
+    for i, size in enumerate([(40, 30), (30, 50), (64, 64)]):
+        Image.new("RGB", size, (10 * i, 100, 200)).save(folder / f"{i}.png")
+    images = ns["hub_images"]("imagefolder", image_size=16, data_dir=str(tmp_path / "images"))
+    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8
+    assert images[:, 1].float().mean().item() == pytest.approx(100, abs=1)
+    x = ns["to_model_range"](images)
+    assert -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_hub_images_offline_says_what_to_do(ns, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets.config                                     # both read the variables at import: set them too
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(DataUnavailable, match="tiny size"):
+        ns["hub_images"]("huggan/flowers-102-categories", image_size=64)
+
+
+# ------------------------------------------------------------------------------------------------ exercises
+WRONG_ANSWERS = {
+    # forgot the square roots: mixes with weights ᾱ and 1 − ᾱ (variances, not standard deviations)
+    0: """
+def q_sample(x0, t, noise, alphas_cumprod):
+    a = alphas_cumprod[t].reshape(-1, *([1] * (x0.dim() - 1)))
+    return a * x0 + (1 - a) * noise
+""",
+    # sines first: the Transformer paper's order, not flip_sin_to_cos (the U-Net's MLP would see other features)
+    1: """
+def timestep_embedding(t, dim, max_period=10_000.0):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+""",
+    # re-adds the noise at the *current* level instead of the target level
+    2: """
+def ddim_update(x_t, eps, alpha_bar_t, alpha_bar_prev):
+    x0 = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+    return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps
+""",
+    # the (1 + w) convention of the CFG paper's own equation, with this chapter's w: one unit too much guidance
+    3: """
+def cfg_combine(eps_cond, eps_uncond, w):
+    return eps_cond + w * (eps_cond - eps_uncond)
+""",
+}
+
+
+def test_wrong_answers_are_rejected():
+    assert_wrong_answers_fail(NB, WRONG_ANSWERS)
