@@ -14,6 +14,7 @@ from benchmarks import course_time, cpu_mfu, gpu_memory, kernels
 from benchmarks._common import chapter_name, chapter_title, chapters, load_notebook
 
 from .conftest import ROOT
+from .test_labkit_notebook import make_nb
 
 # A compact GPT with nanoGPT's interface (config dataclass, forward(idx, targets) -> (logits, loss)) and fused
 # attention, so the FLOP count must add the CPU attention kernel by formula.
@@ -77,16 +78,6 @@ def vram_job():
 BENCH_CELL = '''def benchmark_toy(lengths):
     return {"lengths": list(lengths), "doubled": [2 * n for n in lengths]}
 '''
-
-
-def make_nb(path, cells):
-    nb = nbformat.v4.new_notebook()
-    for kind, src, tags in cells:
-        cell = nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
-        cell.metadata["tags"] = tags
-        nb.cells.append(cell)
-    nbformat.write(nb, path)
-    return path
 
 
 @pytest.fixture
