@@ -316,3 +316,34 @@ def test_live_meter_without_cuda():
     assert not torch.cuda.is_available()
     assert cuda_peak() is None
     assert reset_cuda_peak() is None
+
+
+def test_activation_checkpointing_under_bf16_traces_and_saves_memory():
+    """Checkpointed blocks are recomputed in backward, outside the CUDA-like function mode; the estimate
+    must still run (and restore torch's checkpoint check afterwards), and show the activation saving."""
+    import torch.utils.checkpoint as ckpt
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    from labkit.vram import TrainJob, estimate
+
+    class Net(nn.Module):
+        def __init__(self, use_ckpt):
+            super().__init__()
+            self.use_ckpt = use_ckpt
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU())
+                                        for _ in range(4))
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = checkpoint(b, x, use_reentrant=False) if self.use_ckpt else b(x)
+            return x
+
+    def job(use_ckpt):
+        return TrainJob(make_model=lambda: Net(use_ckpt), make_batch=lambda: torch.randn(8, 16, 32, 32),
+                        loss_fn=lambda m, x: m(x).float().square().mean(), amp_dtype=torch.bfloat16)
+
+    plain, ckpted = estimate(job(False)), estimate(job(True))
+    print(f"activations: plain {plain.breakdown['activations']:,} B, checkpointed {ckpted.breakdown['activations']:,} B")
+    assert ckpted.breakdown["activations"] < 0.5 * plain.breakdown["activations"]
+    assert ckpt._allowed_determinism_checks_to_fns["default"] is not ckpt._allowed_determinism_checks_to_fns["none"]
