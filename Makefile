@@ -21,6 +21,7 @@ ifneq ($(HAS_GPU),yes)
 	$(PY) -m pip install -q "$(TORCH_CPU)"
 endif
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "torchscale==0.3.0"
 	touch $(STAMP)
 
 book: $(STAMP)
