@@ -245,9 +245,12 @@ def run(notebook: str | None = None, gemm_n: int = 2048, gemm_repeats: int = 5, 
 
     result["runs"] = {}
     for prec in precisions:
-        bf16 = prec == "bf16"
+        bf16 = prec.startswith("bf16")
         model, _ = build(GPT, GPTConfig, shape)  # the same start for each precision
         optimizer, _ = make_optimizer(model)
+        if prec.endswith("+compile"):  # inductor fuses the element-wise work (GELU, LayerNorm, adds) into C++ loops
+            print(f"compiling the model for {prec} (tens of seconds, once) ...", flush=True)
+            model = torch.compile(model)
         print(f"timing the training step, {prec}{' autocast' if bf16 else ''}: {warmup} warm-up + {iters} steps ...",
               flush=True)
         timing = time_steps(model, optimizer, data, bf16, warmup, iters)
@@ -262,7 +265,8 @@ def run(notebook: str | None = None, gemm_n: int = 2048, gemm_repeats: int = 5, 
         print(f"  {prec}: {again['flops_per_s'] / 1e9:7.1f} GFLOP/s -> roofline {roof[prec]['flops_per_s'] / 1e9:.1f}")
 
     for prec, r in result["runs"].items():
-        own = roof[prec]["flops_per_s"]
+        roof_key = prec.removesuffix("+compile")
+        own = roof[roof_key]["flops_per_s"]
         achieved = flops["total"] / r["median_step_s"]
         gemm_s = r["profile"]["gemm_time_per_step_ms"] / 1e3
         r.update({
@@ -276,8 +280,8 @@ def run(notebook: str | None = None, gemm_n: int = 2048, gemm_repeats: int = 5, 
             # FlopCounterMode counts only matmuls and attention: all counted FLOPs run in GEMM-like kernels
             "gemm_flops_per_s_inside_step": flops["total"] / gemm_s if gemm_s else None,
         })
-        r["diagnosis"] = diagnose(prec, r, roof, shape)
-        report_run(prec, r, roof)
+        r["diagnosis"] = diagnose(roof_key, r, roof, shape)
+        report_run(roof_key, r, roof, label=prec)
     return result
 
 
@@ -318,10 +322,10 @@ def diagnose(prec: str, r: dict, roof: dict, shape: dict = RECIPE) -> list[str]:
     return lines
 
 
-def report_run(prec: str, r: dict, roof: dict) -> None:
+def report_run(prec: str, r: dict, roof: dict, label: str | None = None) -> None:
     ph = r["phase_median_s"]
     step_ms = r["median_step_s"] * 1e3
-    print(f"  {prec}: {step_ms:.1f} ms/step median (best {r['best_step_s'] * 1e3:.1f}), {r['tokens_per_s']:,.0f} tok/s, "
+    print(f"  {label or prec}: {step_ms:.1f} ms/step median (best {r['best_step_s'] * 1e3:.1f}), {r['tokens_per_s']:,.0f} tok/s, "
           f"{r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s")
     print(f"     MFU {r['mfu_vs_fp32_roofline']:.0%} of the fp32 roofline, {r['mfu_vs_bf16_roofline']:.0%} of bf16"
           f"  -> vs its own ({prec}) roofline {r['mfu_vs_own_roofline']:.0%} "
@@ -353,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the fp32 step under torch.compile (inductor; ~20-50 s to compile on 2 cores)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=INT",
                    help=f"change the shape (an experiment, no longer the recipe): keys {', '.join(RECIPE)}")
@@ -361,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
+    if args.compile:
+        precisions += tuple(f"{p}+compile" for p in precisions)
     shape = dict(RECIPE)
     for item in args.set:
         key, _, value = item.partition("=")

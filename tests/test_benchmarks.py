@@ -296,6 +296,16 @@ def test_items_are_tokens_for_ids_and_samples_for_images():
 
 
 # ------------------------------------------------------------------ chapter kernels
+def test_every_registered_kernel_is_defined_in_its_chapter():
+    """Each KERNELS entry names a chapter notebook that defines the function in a `model` or `bench` cell."""
+    import labkit.notebook
+
+    for name, k in KERNELS.items():
+        path = labkit.notebook.resolve(k.notebook)
+        sources = labkit.notebook.cells(path, "model") + labkit.notebook.cells(path, "bench")
+        assert any(f"def {k.function}(" in src for src in sources), f"{name}: {path.name} defines no {k.function}"
+
+
 def test_kernel_benchmark_runs_the_notebooks_function(nbdir, tmp_path, capsys):
     out = tmp_path / "toy.json"
     k = Kernel(str(nbdir / "96_toy.ipynb"), "benchmark_toy", "toy", {"lengths": (1, 2)})

@@ -1,0 +1,381 @@
+"""Chapter 11 (DiT and PixArt-α) against an independent reference: diffusers.
+
+The chapter's DiT (loaded from the notebook's `model` cells) gets its weights copied into
+`diffusers.DiTTransformer2DModel` (norm "ada_norm_zero"; diffusers does not zero-initialise, so we perturb our
+weights first and copy them all) and must give the same outputs and gradients; the chapter's PixArt-α the same
+against `diffusers.PixArtTransformer2DModel(norm_type="ada_norm_single", use_additional_conditions=False)`.
+
+Conventions of diffusers' DiT port that the name map handles (read from its source):
+* patch embedding and position embedding live together in `pos_embed` (`PatchEmbed`: `proj` conv + sin-cos buffer);
+* every block carries its own copy of the timestep MLP and the class table (`norm1.emb`), where the DiT repo
+  shares one: we copy ours into every block, and our gradient is the sum over the copies;
+* the final layer is `proj_out_1` (adaLN shift, scale) and `proj_out_2` (linear);
+* with learn_sigma the output has 2·C channels, ε first;
+* its timestep features use `downscale_freq_shift=1` (frequencies 10000^(−i/(half−1))), where the DiT repo
+  (and this chapter) use 10000^(−i/half): we give the reference the DiT repo's features (a `Timesteps` module
+  with shift 0) and show that this is the only difference.
+Plus: the 2-D sin-cos embedding equals diffusers' `get_2d_sincos_pos_embed`, adaLN-Zero makes the blocks the
+identity at init, gradient checkpointing changes nothing, the full-size data path (hub images → SD-VAE latents)
+runs on local images with a tiny random `AutoencoderKL` and explains itself offline, and each exercise check
+rejects a plausible wrong answer.
+"""
+import re
+
+import pytest
+import torch
+
+from labkit import notebook
+from labkit.data import DataUnavailable
+
+from .conftest import ROOT
+from .test_exercises import assert_wrong_answers_fail
+
+NB = ROOT / "notebooks" / "11_dit.ipynb"
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def ns():
+    return notebook.load(NB, ("model", "data"))
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _perturb(model, scale=0.05, seed=0):
+    """Move every weight off its initial value (zeros, ones) so that no term of the forward is trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+# ------------------------------------------------------------------------------------------------ DiT
+def dit_names(ours: str, depth: int) -> list[str]:
+    """Our parameter name -> its name(s) in diffusers' DiTTransformer2DModel (shared embedders: one per block)."""
+    k = ours.replace("x_embedder.proj.", "pos_embed.proj.")
+    k = re.sub(r"^blocks\.(\d+)\.adaLN_modulation\.1\.", r"transformer_blocks.\1.norm1.linear.", k)
+    k = re.sub(r"^blocks\.(\d+)\.attn\.to_out\.", r"transformer_blocks.\1.attn1.to_out.0.", k)
+    k = re.sub(r"^blocks\.(\d+)\.attn\.", r"transformer_blocks.\1.attn1.", k)
+    k = re.sub(r"^blocks\.(\d+)\.mlp\.fc1\.", r"transformer_blocks.\1.ff.net.0.proj.", k)
+    k = re.sub(r"^blocks\.(\d+)\.mlp\.fc2\.", r"transformer_blocks.\1.ff.net.2.", k)
+    k = k.replace("final_layer.adaLN_modulation.1.", "proj_out_1.").replace("final_layer.linear.", "proj_out_2.")
+    if k.startswith(("t_embedder.", "y_embedder.")):
+        k = (k.replace("t_embedder.mlp.0.", "norm1.emb.timestep_embedder.linear_1.")
+              .replace("t_embedder.mlp.2.", "norm1.emb.timestep_embedder.linear_2.")
+              .replace("y_embedder.", "norm1.emb.class_embedder."))
+        return [f"transformer_blocks.{i}.{k}" for i in range(depth)]
+    return [k]
+
+
+def dit_reference(cfg, dit_time_features=True):
+    ref = diffusers.DiTTransformer2DModel(
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth, sample_size=cfg.input_size,
+        patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes, norm_eps=1e-6,
+        activation_fn="gelu-approximate")
+    if dit_time_features:
+        from diffusers.models.embeddings import Timesteps
+
+        for block in ref.transformer_blocks:
+            block.norm1.emb.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    return ref.eval()             # eval: its LabelEmbedding would drop labels at random in train mode
+
+
+def load_dit_into_reference(ours, ref):
+    state = {}
+    for k, v in ours.state_dict().items():
+        for name in dit_names(k, ours.cfg.depth):
+            state[name] = v.clone()
+    ref.load_state_dict(state, strict=True)
+
+
+def _dit_layouts(ns):
+    C = ns["DiTConfig"]
+    return {
+        "tiny (pixels, p=4)": ns["DIT_PRESETS"]["tiny"],
+        "latents, p=2, learn_sigma": C(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
+                                       num_classes=10, learn_sigma=True),
+        "p=1, 1 head": C(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=1, num_classes=3),
+    }
+
+
+@pytest.mark.parametrize("layout", ["tiny (pixels, p=4)", "latents, p=2, learn_sigma", "p=1, 1 head"])
+def test_dit_outputs_and_grads_match_diffusers(ns, layout):
+    cfg = _dit_layouts(ns)[layout]
+    torch.manual_seed(0)
+    ours = ns["DiT"](cfg)
+    _perturb(ours)
+    ref = dit_reference(cfg)
+    load_dit_into_reference(ours, ref)
+    B, S = 3, cfg.input_size
+    x, t, y = _randn(B, cfg.in_channels, S, S, seed=1), torch.tensor([0, 421, 999]), torch.tensor([0, cfg.num_classes, 1])
+    out_ours, out_ref = ours(x, t, y), ref(x, t, y).sample
+    err = (out_ours - out_ref).abs().max().item()
+    assert out_ours.shape == (B, cfg.out_channels, S, S)
+    (out_ours * _randn(*out_ours.shape, seed=2)).sum().backward()
+    (out_ref * _randn(*out_ref.shape, seed=2)).sum().backward()
+    refp = dict(ref.named_parameters())
+    grad_err, bad = 0.0, []
+    for n, p in ours.named_parameters():
+        g_ref = sum(refp[m].grad for m in dit_names(n, cfg.depth))   # shared embedders: sum over the block copies
+        e = (p.grad - g_ref).abs().max().item()
+        grad_err = max(grad_err, e)
+        if e > 1e-6 + 1e-4 * g_ref.abs().max().item():
+            bad.append(f"{n}: {e:.1e}")
+    print(f"\n[DiT {layout}] {sum(p.numel() for p in ours.parameters()):,} params: max |output error| {err:.1e} "
+          f"(outputs up to {out_ref.abs().max():.2f}), max |grad error| {grad_err:.1e}")
+    assert err < 1e-5
+    assert not bad, bad
+
+
+def test_dit_timestep_features_are_the_only_difference_from_diffusers(ns):
+    """Unmodified, diffusers' DiT uses frequencies 10000^(−i/(half−1)): outputs differ, by a little."""
+    cfg = _dit_layouts(ns)["latents, p=2, learn_sigma"]
+    torch.manual_seed(0)
+    ours = ns["DiT"](cfg)
+    _perturb(ours)
+    ref = dit_reference(cfg, dit_time_features=False)
+    load_dit_into_reference(ours, ref)
+    x, t, y = _randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([2, 5])
+    err = (ours(x, t, y) - ref(x, t, y).sample).abs().max().item()
+    print(f"\ndiffusers' own DiT timestep features (downscale_freq_shift=1): max output difference {err:.1e}")
+    assert 1e-4 < err < 1.0
+
+
+@pytest.mark.parametrize("preset", ["DiT-S/2", "DiT-B/2", "DiT-XL/2"])
+def test_presets_have_the_paper_sizes_and_match_diffusers_count(ns, preset):
+    cfg = ns["DIT_PRESETS"][preset]
+    with torch.device("meta"):
+        ours, ref = ns["DiT"](cfg), dit_reference(cfg)
+    n_ours = sum(p.numel() for p in ours.parameters())
+    shared = sum(p.numel() for n, p in ours.named_parameters() if n.startswith(("t_embedder.", "y_embedder.")))
+    n_ref = sum(p.numel() for p in ref.parameters())
+    print(f"\n[{preset}] ours {n_ours / 1e6:.1f}M; diffusers {n_ref / 1e6:.1f}M with the embedders copied into every block")
+    assert n_ref == n_ours + (cfg.depth - 1) * shared
+    paper = {"DiT-S/2": 33e6, "DiT-B/2": 130e6, "DiT-XL/2": 675e6}[preset]      # Peebles & Xie, Table 1
+    assert abs(n_ours - paper) / paper < 0.02
+
+
+def test_sincos_pos_embed_matches_diffusers(ns):
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    for dim, grid in [(16, 4), (64, 8), (768, 16)]:
+        ref = get_2d_sincos_pos_embed(dim, grid, base_size=grid, output_type="pt").float()
+        err = (ns["sincos_pos_embed_2d"](dim, grid) - ref).abs().max().item()
+        print(f"\n[dim {dim}, {grid}×{grid}] 2-D sin-cos position embedding: max error {err:.1e}")
+        assert err < 1e-6
+
+
+def test_adaln_zero_blocks_start_as_identity_and_output_starts_at_zero(ns):
+    cfg = ns["DIT_PRESETS"]["tiny"]
+    torch.manual_seed(0)
+    model = ns["DiT"](cfg)
+    h, c = torch.randn(2, cfg.num_patches, cfg.hidden_size), torch.randn(2, cfg.hidden_size)
+    for block in model.blocks:
+        assert torch.equal(block(h, c), h)
+    out = model(torch.randn(2, 3, 32, 32), torch.tensor([1, 500]), torch.tensor([0, 18]))
+    assert torch.equal(out, torch.zeros_like(out))
+    # ...and yet every weight that matters gets a gradient after one step's worth of signal
+    sched = ns["NoiseSchedule"].cosine(1000)
+    loss = ns["diffusion_loss"](model, sched, torch.randn(4, 3, 32, 32), torch.tensor([1, 10, 100, 900]),
+                                torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 18]))
+    loss.backward()
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_changes_nothing(ns):
+    from dataclasses import replace
+
+    cfg = _dit_layouts(ns)["latents, p=2, learn_sigma"]
+    torch.manual_seed(0)
+    plain = ns["DiT"](cfg).train()
+    _perturb(plain)
+    ckpt = ns["DiT"](replace(cfg, grad_checkpoint=True)).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, y = _randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    outs = []
+    for m in (plain, ckpt):
+        out = m(x, t, y)
+        out.pow(2).mean().backward()
+        outs.append((out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    err_g = max((outs[0][1][n] - outs[1][1][n]).abs().max().item() for n in outs[0][1])
+    assert torch.equal(outs[0][0], outs[1][0]) and err_g < 1e-6
+
+
+def test_drop_labels(ns):
+    labels = torch.arange(10).repeat(1000)
+    dropped = ns["drop_labels"](labels, 10, 0.1, torch.Generator().manual_seed(0))
+    frac = (dropped == 10).float().mean().item()
+    assert 0.08 < frac < 0.12
+    assert torch.equal(dropped[dropped != 10], labels[dropped != 10])
+
+
+# ------------------------------------------------------------------------------------------------ PixArt-α
+def pixart_name(ours: str) -> str:
+    k = ours.replace("x_embedder.proj.", "pos_embed.proj.")
+    k = k.replace("t_embedder.mlp.0.", "adaln_single.emb.timestep_embedder.linear_1.")
+    k = k.replace("t_embedder.mlp.2.", "adaln_single.emb.timestep_embedder.linear_2.")
+    k = k.replace("t_block.1.", "adaln_single.linear.")
+    k = k.replace("y_embedder.0.", "caption_projection.linear_1.").replace("y_embedder.2.", "caption_projection.linear_2.")
+    k = re.sub(r"^blocks\.(\d+)\.attn\.to_out\.", r"transformer_blocks.\1.attn1.to_out.0.", k)
+    k = re.sub(r"^blocks\.(\d+)\.attn\.", r"transformer_blocks.\1.attn1.", k)
+    k = re.sub(r"^blocks\.(\d+)\.cross_attn\.to_out\.", r"transformer_blocks.\1.attn2.to_out.0.", k)
+    k = re.sub(r"^blocks\.(\d+)\.cross_attn\.", r"transformer_blocks.\1.attn2.", k)
+    k = re.sub(r"^blocks\.(\d+)\.mlp\.fc1\.", r"transformer_blocks.\1.ff.net.0.proj.", k)
+    k = re.sub(r"^blocks\.(\d+)\.mlp\.fc2\.", r"transformer_blocks.\1.ff.net.2.", k)
+    k = re.sub(r"^blocks\.(\d+)\.scale_shift_table$", r"transformer_blocks.\1.scale_shift_table", k)
+    k = k.replace("final_scale_shift_table", "scale_shift_table").replace("final_linear.", "proj_out.")
+    return k
+
+
+def pixart_reference(cfg):
+    return diffusers.PixArtTransformer2DModel(
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+        cross_attention_dim=cfg.hidden_size, sample_size=cfg.input_size, patch_size=cfg.patch_size,
+        caption_channels=cfg.context_dim, norm_type="ada_norm_single", use_additional_conditions=False,
+        interpolation_scale=1, activation_fn="gelu-approximate").eval()
+
+
+@pytest.mark.parametrize("layout", ["pixels p=4", "latents p=2 learn_sigma"])
+def test_pixart_outputs_and_grads_match_diffusers(ns, layout):
+    C = ns["DiTConfig"]
+    cfg = {"pixels p=4": C(input_size=16, patch_size=4, in_channels=3, hidden_size=48, depth=2, num_heads=2, context_dim=32),
+           "latents p=2 learn_sigma": C(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
+                                        learn_sigma=True, context_dim=24)}[layout]
+    torch.manual_seed(0)
+    ours = ns["PixArtAlpha"](cfg)
+    _perturb(ours)
+    ref = pixart_reference(cfg)
+    ref.load_state_dict({pixart_name(k): v.clone() for k, v in ours.state_dict().items()}, strict=True)
+    B, S = 3, cfg.input_size
+    x, t, ctx = _randn(B, cfg.in_channels, S, S, seed=1), torch.tensor([0, 421, 999]), _randn(B, 5, cfg.context_dim, seed=3)
+    out_ours = ours(x, t, ctx)
+    out_ref = ref(x, encoder_hidden_states=ctx, timestep=t,
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    err = (out_ours - out_ref).abs().max().item()
+    (out_ours * _randn(*out_ours.shape, seed=2)).sum().backward()
+    (out_ref * _randn(*out_ref.shape, seed=2)).sum().backward()
+    refp = dict(ref.named_parameters())
+    grad_err, bad = 0.0, []
+    for n, p in ours.named_parameters():
+        g_ref = refp[pixart_name(n)].grad
+        e = (p.grad - g_ref).abs().max().item()
+        grad_err = max(grad_err, e)
+        if e > 1e-6 + 1e-4 * g_ref.abs().max().item():
+            bad.append(f"{n}: {e:.1e}")
+    print(f"\n[PixArt-α {layout}] {sum(p.numel() for p in ours.parameters()):,} params: max |output error| {err:.1e} "
+          f"(outputs up to {out_ref.abs().max():.2f}), max |grad error| {grad_err:.1e}")
+    assert err < 1e-5
+    assert not bad, bad
+
+
+def test_adaln_single_saves_the_per_block_mlps(ns):
+    dit_cfg = ns["DIT_PRESETS"]["DiT-XL/2"]
+    with torch.device("meta"):
+        dit = ns["DiT"](dit_cfg)
+        pix = ns["PixArtAlpha"](ns["PIXART_PRESETS"]["PixArt-α-XL/2"])
+    per_block = sum(p.numel() for b in dit.blocks for p in b.adaLN_modulation.parameters())
+    print(f"\nDiT-XL/2 adaLN MLPs: {per_block / 1e6:.0f}M of {ns['count_params'](dit) / 1e6:.0f}M parameters")
+    assert 0.25 < per_block / ns["count_params"](dit) < 0.40
+    assert sum(p.numel() for p in pix.t_block.parameters()) == per_block // dit_cfg.depth
+
+
+# ------------------------------------------------------------------------------------------------ full-size data
+def _image_folder(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "flowers"
+    for label, colour in [("rose", (200, 30, 40)), ("tulip", (240, 220, 30))]:
+        folder = root / "train" / label
+        folder.mkdir(parents=True)
+        for i, size in enumerate([(60, 40), (40, 70), (64, 64)]):
+            Image.new("RGB", size, colour).save(folder / f"{i}.png")
+    return root
+
+
+def test_hub_labelled_images_on_a_local_image_folder(ns, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    images, labels = ns["hub_labelled_images"]("imagefolder", image_size=16, data_dir=str(_image_folder(tmp_path)))
+    assert images.shape == (6, 3, 16, 16) and images.dtype == torch.uint8
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    red = images[labels == 0]
+    assert red[:, 0].float().mean().item() == pytest.approx(200, abs=2)
+
+
+def test_encode_latents_with_a_tiny_autoencoder(ns, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    images, labels = ns["hub_labelled_images"]("imagefolder", image_size=16, data_dir=str(_image_folder(tmp_path)))
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  norm_num_groups=4, layers_per_block=1).eval()
+    mean, std = ns["encode_latents"](vae, images, batch_size=4)
+    assert mean.shape == (12, 4, 8, 8) and std.shape == mean.shape          # every image and its mirror
+    with torch.no_grad():
+        expected = vae.encode(ns["to_model_range"](images[:2])).latent_dist
+        mirrored = vae.encode(ns["to_model_range"](images[:2]).flip(-1)).latent_dist
+    assert torch.allclose(mean[:2].float(), expected.mean, atol=1e-2)
+    assert torch.allclose(mean[6:8].float(), mirrored.mean, atol=1e-2)
+    assert torch.allclose(std[:2].float(), expected.std, atol=1e-2)
+    z = ns["sample_latents"](mean, std, torch.tensor([0, 7]), torch.Generator().manual_seed(0))
+    assert z.shape == (2, 4, 8, 8) and z.dtype == torch.float32
+
+
+def test_full_size_loaders_offline_say_what_to_do(ns, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(DataUnavailable, match="tiny size"):
+        ns["hub_labelled_images"]("nelorth/oxford-flowers", image_size=256)
+    with pytest.raises(DataUnavailable, match="tiny size"):
+        ns["load_sd_vae"]()
+
+
+# ------------------------------------------------------------------------------------------------ exercises
+WRONG_ANSWERS = {
+    # patches laid out channel-first (C, p, p) instead of DiT's (p, p, C): the shapes all fit, the pixels do not
+    0: """
+def unpatchify_tokens(x, patch_size, channels):
+    B, N, _ = x.shape
+    h = w = math.isqrt(N)
+    x = x.reshape(B, h, w, channels, patch_size, patch_size)
+    x = torch.einsum("bhwcpq->bchpwq", x)
+    return x.reshape(B, channels, h * patch_size, w * patch_size)
+""",
+    # modulates with scale instead of (1 + scale): with the zero init that multiplies everything by 0
+    1: """
+def adaln_modulate(x, shift, scale):
+    return x * scale[:, None, :] + shift[:, None, :]
+""",
+    # the two halves swapped: rows in the first half, columns in the second
+    2: """
+def pos_embed_2d(dim, grid_size):
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        a = pos.double()[:, None] * omega[None]
+        return torch.cat([a.sin(), a.cos()], dim=1)
+    ys, xs = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    return torch.cat([one_d(dim // 2, ys.flatten()), one_d(dim // 2, xs.flatten())], dim=1).float()
+""",
+    # zeroes every adaLN modulation but forgets the final linear: blocks start as the identity, the output does not start at 0
+    3: """
+def adaln_zero_init(model):
+    for block in model.blocks:
+        torch.nn.init.zeros_(block.adaLN_modulation[-1].weight)
+        torch.nn.init.zeros_(block.adaLN_modulation[-1].bias)
+    torch.nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
+    torch.nn.init.zeros_(model.final_layer.adaLN_modulation[-1].bias)
+""",
+}
+
+
+def test_wrong_answers_are_rejected():
+    assert_wrong_answers_fail(NB, WRONG_ANSWERS)
