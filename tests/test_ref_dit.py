@@ -94,14 +94,15 @@ def load_dit_into_reference(ours, ref):
 def _dit_layouts(ns):
     C = ns["DiTConfig"]
     return {
-        "tiny (pixels, p=4)": ns["DIT_PRESETS"]["tiny"],
+        "tiny": ns["DIT_PRESETS"]["tiny"],
+        "pixels, p=4": C(input_size=16, patch_size=4, in_channels=3, hidden_size=48, depth=2, num_heads=3, num_classes=5),
         "latents, p=2, learn_sigma": C(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4,
                                        num_classes=10, learn_sigma=True),
         "p=1, 1 head": C(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=1, num_classes=3),
     }
 
 
-@pytest.mark.parametrize("layout", ["tiny (pixels, p=4)", "latents, p=2, learn_sigma", "p=1, 1 head"])
+@pytest.mark.parametrize("layout", ["tiny", "pixels, p=4", "latents, p=2, learn_sigma", "p=1, 1 head"])
 def test_dit_outputs_and_grads_match_diffusers(ns, layout):
     cfg = _dit_layouts(ns)[layout]
     torch.manual_seed(0)
@@ -175,12 +176,13 @@ def test_adaln_zero_blocks_start_as_identity_and_output_starts_at_zero(ns):
     h, c = torch.randn(2, cfg.num_patches, cfg.hidden_size), torch.randn(2, cfg.hidden_size)
     for block in model.blocks:
         assert torch.equal(block(h, c), h)
-    out = model(torch.randn(2, 3, 32, 32), torch.tensor([1, 500]), torch.tensor([0, 18]))
+    S, C = cfg.input_size, cfg.in_channels
+    out = model(torch.randn(2, C, S, S), torch.tensor([1, 500]), torch.tensor([0, cfg.num_classes]))
     assert torch.equal(out, torch.zeros_like(out))
     # ...and yet every weight that matters gets a gradient after one step's worth of signal
     sched = ns["NoiseSchedule"].cosine(1000)
-    loss = ns["diffusion_loss"](model, sched, torch.randn(4, 3, 32, 32), torch.tensor([1, 10, 100, 900]),
-                                torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 18]))
+    loss = ns["diffusion_loss"](model, sched, torch.randn(4, C, S, S), torch.tensor([1, 10, 100, 900]),
+                                torch.randn(4, C, S, S), torch.tensor([0, 1, 2, cfg.num_classes]))
     loss.backward()
     assert model.final_layer.linear.weight.grad.abs().sum() > 0
 
