@@ -35,7 +35,7 @@ KERNELS = {
                           {"lengths": (64, 256, 1024)}),
     "llmc": Kernel("03_llmc", "benchmark_c_vs_torch", "llm.c: a GPT-2 training step in C vs eager PyTorch",
                    {"shapes": ("tiny", "bigger"), "steps": 3}),
-    "rwkv_wkv": Kernel("08_rwkv", "benchmark_wkv", "RWKV: the WKV operator, recurrent vs parallel vs chunked",
+    "rwkv_wkv": Kernel("08_rwkv", "benchmark_wkv", "RWKV-4: WKV as recurrence (autograd / hand-written backward), T×T matrix, chunked scan",
                        {"lengths": (64, 256, 1024)}),
     "retnet_forms": Kernel("09_retnet", "benchmark_retention", "RetNet: parallel vs chunkwise vs recurrent retention, decode cost per token",
                            {"lengths": (256, 1024, 4096)}),
