@@ -76,11 +76,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
 
 
+def is_matrix(p: torch.Tensor) -> bool:
+    """A weight matrix (or conv kernel): at least two dimensions longer than 1. Vectors stored with extra unit
+    dimensions (RWKV's (1, 1, C) mixing coefficients, a (1, C) scale) are not matrices."""
+    return sum(n > 1 for n in p.shape) >= 2
+
+
 def adamw(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (embeddings and linear weights), fused on CUDA and CPU."""
+    """AdamW with weight decay on matrices only (embeddings, linear and conv weights), fused on CUDA and CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if is_matrix(p)]
+    no_decay = [p for p in params if not is_matrix(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = device is not None and device.type in ("cuda", "cpu")  # fused kernels exist for both (torch >= 2.4)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
@@ -180,8 +186,8 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         lr = lr_at(self.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:   # a group may run at a multiple of the schedule
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         total = 0.0
         for _ in range(cfg.grad_accum):
             batch = to_device(self.get_batch("train", self.generator), self.device)

@@ -151,6 +151,27 @@ def test_weight_decay_only_on_matrices():
     assert all(p.dim() < 2 for p in groups[1]["params"]) and groups[1]["weight_decay"] == 0
 
 
+def test_vectors_with_unit_dimensions_are_not_decayed():
+    from labkit.train import adamw
+
+    m = torch.nn.Module()
+    m.mix = torch.nn.Parameter(torch.zeros(1, 1, 8))        # RWKV's time_mix: a vector, stored 3-D
+    m.conv = torch.nn.Parameter(torch.zeros(4, 4, 3, 3))    # a conv kernel: a matrix
+    decay, no_decay = adamw(m, TrainConfig()).param_groups
+    assert [p.shape for p in decay["params"]] == [m.conv.shape]
+    assert [p.shape for p in no_decay["params"]] == [m.mix.shape]
+
+
+def test_param_group_lr_scale_multiplies_the_schedule():
+    t = make(cfg(max_steps=3, warmup_steps=0))
+    base = t.optimizer.param_groups[0]
+    fast = dict(base, params=[], lr_scale=3.0)
+    t.optimizer.add_param_group(fast)
+    t.train_step()
+    groups = t.optimizer.param_groups
+    assert groups[-1]["lr"] == pytest.approx(3.0 * groups[0]["lr"]) and groups[0]["lr"] > 0
+
+
 def test_atomic_save_leaves_no_temp_files(tmp_path):
     save_atomic({"x": torch.ones(3)}, tmp_path / "a.pt")
     assert os.listdir(tmp_path) == ["a.pt"]
