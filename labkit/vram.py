@@ -228,24 +228,33 @@ class _CudaLikeKernels(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def _no_checkpoint_dtype_check():
-    """Activation checkpointing recomputes a block in the backward pass, where autograd runs without our
-    function mode: a recomputed GroupNorm/softmax comes out bf16 where the traced forward made it fp32, and
-    checkpoint's metadata check would stop the trace. The check guards numerics, which a memory trace does
-    not have; switch it off here, for every model, instead of asking chapters to pass
-    ``determinism_check="none"``. (Recomputed temporaries are then traced at bf16: a small under-count.)"""
+def _cuda_like_recompute():
+    """Activation checkpointing recomputes a block inside the backward pass, where autograd runs without our
+    function mode: the recompute would call the CPU attention kernel (saving other tensors than the traced
+    forward did: wrong shapes with grouped-query attention) and skip the float32 rules. Give every
+    non-reentrant checkpoint a recompute context that re-enters the mode. Checkpoint's metadata check guards
+    numerics, which a fake trace does not have: it is switched off (``determinism_check="none"``)."""
     import torch.utils.checkpoint as ckpt
 
-    table = getattr(ckpt, "_allowed_determinism_checks_to_fns", None)
-    if not table or "none" not in table:  # a torch that renamed its internals: nothing to do
-        yield
-        return
-    saved = table["default"]
-    table["default"] = table["none"]
+    original = ckpt._checkpoint_without_reentrant_generator
+
+    def generator(fn, preserve_rng_state=True, context_fn=ckpt.noop_context_fn, determinism_check="none",
+                  debug=False, early_stop=True, *args, **kwargs):
+        @contextlib.contextmanager
+        def recompute(inner):
+            with inner, _CudaLikeKernels():
+                yield
+
+        def contexts():
+            forward_ctx, recompute_ctx = context_fn()
+            return forward_ctx, recompute(recompute_ctx)
+        return original(fn, preserve_rng_state, contexts, "none", debug, early_stop, *args, **kwargs)
+
+    ckpt._checkpoint_without_reentrant_generator = generator
     try:
         yield
     finally:
-        table["default"] = saved
+        ckpt._checkpoint_without_reentrant_generator = original
 
 
 # ---------------------------------------------------------------- the estimate
@@ -350,7 +359,7 @@ def _trace(job: TrainJob) -> tuple[str, dict[str, int]]:
         tracker = _peak_tracker()
         tracker.track_external(model, optimizer,
                                *[t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)])
-        with tracker, _CudaLikeKernels(), _no_checkpoint_dtype_check():
+        with tracker, _CudaLikeKernels(), _cuda_like_recompute():
             _step(job, model, optimizer, batch, tracker, micro_batches=2)  # a steady accumulation step
         peak = tracker.get_tracker_snapshot("peak")
     traced = dict.fromkeys(CATEGORIES[:6], 0)

@@ -319,8 +319,8 @@ def test_live_meter_without_cuda():
 
 
 def test_activation_checkpointing_under_bf16_traces_and_saves_memory():
-    """Checkpointed blocks are recomputed in backward, outside the CUDA-like function mode; the estimate
-    must still run (and restore torch's checkpoint check afterwards), and show the activation saving."""
+    """Checkpointed blocks are recomputed in backward, where autograd runs outside the CUDA-like function
+    mode; the estimate must still run (and restore torch's checkpoint afterwards), and show the saving."""
     import torch.utils.checkpoint as ckpt
     from torch import nn
     from torch.utils.checkpoint import checkpoint
@@ -346,4 +346,33 @@ def test_activation_checkpointing_under_bf16_traces_and_saves_memory():
     plain, ckpted = estimate(job(False)), estimate(job(True))
     print(f"activations: plain {plain.breakdown['activations']:,} B, checkpointed {ckpted.breakdown['activations']:,} B")
     assert ckpted.breakdown["activations"] < 0.5 * plain.breakdown["activations"]
-    assert ckpt._allowed_determinism_checks_to_fns["default"] is not ckpt._allowed_determinism_checks_to_fns["none"]
+    assert ckpt._checkpoint_without_reentrant_generator.__module__ == "torch.utils.checkpoint"  # restored
+
+
+def test_checkpoint_recompute_uses_the_cuda_like_attention():
+    """Grouped-query attention (fewer key/value heads than query heads) inside a checkpointed block: the
+    recompute in backward must save what the traced forward saved (the fused-attention stand-in), not what
+    the CPU kernel saves, or autograd gets gradients of the wrong shapes."""
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    from labkit.vram import TrainJob, estimate
+
+    class GQA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.kv = nn.Linear(64, 64), nn.Linear(64, 32)  # 8 query heads, 2 key/value heads of 8
+
+        def attend(self, x):
+            B, T, _ = x.shape
+            q = self.q(x).view(B, T, 8, 8).transpose(1, 2)
+            k, v = self.kv(x).view(B, T, 2, 2, 8).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2).reshape(B, T, 64)
+
+        def forward(self, x):
+            return checkpoint(self.attend, x, use_reentrant=False)
+
+    report = estimate(TrainJob(make_model=GQA, make_batch=lambda: torch.randn(2, 16, 64),
+                               loss_fn=lambda m, x: m(x).float().square().mean()))
+    assert report.peak_bytes > 0
