@@ -56,6 +56,18 @@ def test_notebooks_are_committed_without_outputs_and_follow_the_template():
         assert {"model", "vram", "exercise", "check"} <= tags, f"{nb_path.name} lacks tags: {tags}"
 
 
+def test_prose_holds_no_control_characters():
+    """A LaTeX command written in a normal Python string loses its backslash (\\top -> TAB + "op", \\frac -> form
+    feed + "rac"): such characters never belong in a markdown cell."""
+    import re
+
+    for nb_path in NOTEBOOKS:
+        for i, c in enumerate(json.loads(nb_path.read_text())["cells"]):
+            if c["cell_type"] == "markdown":
+                m = re.search(r"[\x00-\x09\x0b-\x1f\x7f]", "".join(c["source"]))
+                assert not m, f"{nb_path.name} cell {i}: control character {m.group()!r} in the prose"
+
+
 def test_each_chapter_has_a_reference_test():
     for nb in NOTEBOOKS:
         name = nb.stem.split("_", 1)[1]
