@@ -88,6 +88,8 @@ class TrainJob:
     both are free at any size (but must not read values: no ``.item()``, no weight loading).
     ``loss_fn(model, batch)`` runs the forward and returns the scalar loss, under autocast(amp_dtype).
     ``make_optimizer(params)`` defaults to ``AdamW(params, lr=1e-4)``: two fp32 states per parameter.
+    Fake tensors have no values, so shapes that depend on data (``bincount``, ``nonzero``, ``.tolist()``, as
+    in a dropless MoE dispatch) cannot be traced: trace a static-shape path that bounds it (capacity dispatch).
     """
     make_model: Callable[[], torch.nn.Module]
     make_batch: Callable[[], Any]
