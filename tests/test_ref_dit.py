@@ -28,6 +28,7 @@ from labkit import notebook
 from labkit.data import DataUnavailable
 
 from .conftest import ROOT
+from .grads import grad_errors
 from .test_exercises import assert_wrong_answers_fail
 
 NB = ROOT / "notebooks" / "11_dit.ipynb"
@@ -118,13 +119,8 @@ def test_dit_outputs_and_grads_match_diffusers(ns, layout):
     (out_ours * _randn(*out_ours.shape, seed=2)).sum().backward()
     (out_ref * _randn(*out_ref.shape, seed=2)).sum().backward()
     refp = dict(ref.named_parameters())
-    grad_err, bad = 0.0, []
-    for n, p in ours.named_parameters():
-        g_ref = sum(refp[m].grad for m in dit_names(n, cfg.depth))   # shared embedders: sum over the block copies
-        e = (p.grad - g_ref).abs().max().item()
-        grad_err = max(grad_err, e)
-        if e > 1e-6 + 1e-4 * g_ref.abs().max().item():
-            bad.append(f"{n}: {e:.1e}")
+    # shared embedders: their gradient is the sum over the reference's per-block copies
+    grad_err, bad = grad_errors(ours, lambda n: sum(refp[m].grad for m in dit_names(n, cfg.depth)), atol=1e-6)
     print(f"\n[DiT {layout}] {sum(p.numel() for p in ours.parameters()):,} params: max |output error| {err:.1e} "
           f"(outputs up to {out_ref.abs().max():.2f}), max |grad error| {grad_err:.1e}")
     assert err < 1e-5
@@ -261,13 +257,7 @@ def test_pixart_outputs_and_grads_match_diffusers(ns, layout):
     (out_ours * _randn(*out_ours.shape, seed=2)).sum().backward()
     (out_ref * _randn(*out_ref.shape, seed=2)).sum().backward()
     refp = dict(ref.named_parameters())
-    grad_err, bad = 0.0, []
-    for n, p in ours.named_parameters():
-        g_ref = refp[pixart_name(n)].grad
-        e = (p.grad - g_ref).abs().max().item()
-        grad_err = max(grad_err, e)
-        if e > 1e-6 + 1e-4 * g_ref.abs().max().item():
-            bad.append(f"{n}: {e:.1e}")
+    grad_err, bad = grad_errors(ours, lambda n: refp[pixart_name(n)].grad, atol=1e-6)
     print(f"\n[PixArt-α {layout}] {sum(p.numel() for p in ours.parameters()):,} params: max |output error| {err:.1e} "
           f"(outputs up to {out_ref.abs().max():.2f}), max |grad error| {grad_err:.1e}")
     assert err < 1e-5

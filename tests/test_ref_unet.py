@@ -19,6 +19,7 @@ from labkit import notebook
 from labkit.data import DataUnavailable
 
 from .conftest import ROOT
+from .grads import grad_errors
 from .test_exercises import assert_wrong_answers_fail
 
 NB = ROOT / "notebooks" / "10_unet.ipynb"
@@ -204,14 +205,8 @@ def test_unet_outputs_and_grads_match_unet2dmodel(ns, layout):
     err = (out_ours - out_ref).abs().max().item()
     out_ours.pow(2).mean().backward()
     out_ref.pow(2).mean().backward()
-    ref_params = dict(ref.named_parameters())
-    grad_err, bad = 0.0, []
-    for n, p in ours.named_parameters():             # (key biases have zero gradient: softmax ignores them)
-        g_ref = ref_params[diffusers_name(n)].grad
-        e = (p.grad - g_ref).abs().max().item()
-        grad_err = max(grad_err, e)
-        if e > 1e-7 + 1e-4 * g_ref.abs().max().item():
-            bad.append(f"{n}: {e:.1e}")
+    ref_params = dict(ref.named_parameters())       # (key biases have zero gradient: softmax ignores them)
+    grad_err, bad = grad_errors(ours, lambda n: ref_params[diffusers_name(n)].grad, atol=1e-7)
     print(f"\n[{layout}] {sum(p.numel() for p in ours.parameters()):,} params: max |output error| {err:.1e} "
           f"(outputs up to {out_ref.abs().max():.2f}), max |grad error| {grad_err:.1e} over all parameters")
     assert err < 1e-5
