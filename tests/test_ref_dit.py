@@ -316,15 +316,7 @@ def test_encode_latents_with_a_tiny_autoencoder(ns, tmp_path, monkeypatch):
     assert z.shape == (2, 4, 8, 8) and z.dtype == torch.float32
 
 
-def test_full_size_loaders_offline_say_what_to_do(ns, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+def test_full_size_loaders_offline_say_what_to_do(ns, hub_offline):
     with pytest.raises(DataUnavailable, match="tiny size"):
         ns["hub_labelled_images"]("nelorth/oxford-flowers", image_size=256)
     with pytest.raises(DataUnavailable, match="tiny size"):

@@ -330,15 +330,7 @@ def test_hub_images_on_a_local_image_folder(ns, tmp_path, monkeypatch):
     assert -1.0 <= x.min() and x.max() <= 1.0
 
 
-def test_hub_images_offline_says_what_to_do(ns, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    import datasets.config                                     # both read the variables at import: set them too
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+def test_hub_images_offline_says_what_to_do(ns, hub_offline):
     with pytest.raises(DataUnavailable, match="tiny size"):
         ns["hub_images"]("huggan/flowers-102-categories", image_size=64)
 
