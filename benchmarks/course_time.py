@@ -42,8 +42,10 @@ from benchmarks._common import (GiB, MiB, RESULTS_DIR, ROOT, chapter_name, chapt
 CHAPTER_TARGET_S = 90
 COURSE_TARGET_S = 15 * 60
 START, END = "<!-- chapters:start -->", "<!-- chapters:end -->"
-TABLE_HEADER = ("| # | chapter | notebook | tiny run (2 CPU cores) | full size | full-size peak (12 GiB budget) |\n"
+TABLE_HEADER = ("| # | chapter | notebook | tiny run (2 CPU cores) | full size "
+                "| full-size peak, 12 GiB budget: estimated / measured on a GPU |\n"
                 "|---|---|---|---|---|---|")
+STALE_GIB = 0.05  # a GPU measurement whose own estimate differs more than this from today's is of another config
 
 
 # ------------------------------------------------------------------ running one chapter
@@ -165,10 +167,20 @@ def _fmt_tiny(entry: dict | None) -> str:
     return cell if entry.get("ok") else f"fails ({secs})"
 
 
-def _fmt_peak(report: dict | None) -> str:
+def _fmt_peak(report: dict | None, measured: dict | None = None) -> str:
+    """``8.6 GiB ✓`` from the estimate alone; ``8.6 / 8.7 GiB ✓`` when a GPU measurement of the same config exists.
+
+    A measurement counts only if the estimate recorded beside it (``gpu_memory.json``) still equals today's:
+    after a config change it is of another config, and is left out rather than shown stale.
+    """
     if not report:
         return "—"
     gib = report["peak_bytes"] / GiB
+    real = (measured or {}).get("measured_total_gib")
+    then = (measured or {}).get("estimate_gib")
+    if real is not None and then is not None and abs(then - gib) <= STALE_GIB:
+        fits = report["fits"] and measured.get("fits") is True
+        return f"{gib:.1f} / {real:.1f} GiB " + ("✓" if fits else "✗ (over)")
     return f"{gib:.1f} GiB ✓" if report["fits"] else f"{gib:.1f} GiB ✗ (over)"
 
 
@@ -176,7 +188,10 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").strip() or "—"
 
 
-def table(notebooks: list[Path], timings: dict, vram: dict, link_prefix: str = "notebooks/") -> str:
+def table(notebooks: list[Path], timings: dict, vram: dict, link_prefix: str = "notebooks/",
+          measured: dict | None = None) -> str:
+    """The README's chapter table; ``measured``: ``gpu_memory.json``'s chapters (real peaks on a GPU), if any."""
+    measured = measured or {}
     rows = [TABLE_HEADER]
     for nb in notebooks:
         report = vram.get(nb.stem)
@@ -186,7 +201,7 @@ def table(notebooks: list[Path], timings: dict, vram: dict, link_prefix: str = "
             f"[`{nb.name}`]({link_prefix}{nb.name})",
             _fmt_tiny(timings.get(nb.stem)),
             _cell(report["name"]) if report else "—",
-            _fmt_peak(report),
+            _fmt_peak(report, measured.get(nb.stem)),
         ]) + " |")
     return "\n".join(rows)
 
@@ -287,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
                 added = True
         if added:
             write_json(args.results, data)
-        changed = update_readme(args.readme, table(all_nbs, data["chapters"], vram))
+        gpu_file = RESULTS_DIR / "gpu_memory.json"
+        measured = read_json(gpu_file).get("chapters", {}) if gpu_file.exists() else {}
+        changed = update_readme(args.readme, table(all_nbs, data["chapters"], vram, measured=measured))
         print(f"{args.readme}: chapter table " + ("rewritten" if changed else "already up to date"))
     return 0 if ok else 1
 

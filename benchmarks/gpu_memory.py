@@ -84,6 +84,8 @@ def measure(job, device: str = "cuda", steps: int = 3, micro_batches: int = 2, b
     t_start = time.perf_counter()
     dev = torch.device(device)
     cuda = dev.type == "cuda"
+    if cuda and dev.index is None:  # the memory-stat calls want an indexed device ("cuda:0"), not "cuda"
+        dev = torch.device("cuda", torch.cuda.current_device())
     out = {"peak_allocated_gib": None, "peak_reserved_gib": None, "cuda_context_gib": None,
            "measured_total_gib": None, "step_s": None, "items_per_s": None, "item": None, "steps_done": 0,
            "micro_batches": micro_batches, "fits": None, "error": None}

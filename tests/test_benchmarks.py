@@ -163,6 +163,18 @@ def test_readme_table_is_rebuilt_between_the_markers(nbdir, tmp_path):
         course_time.update_readme(readme, table)
 
 
+def test_readme_peak_shows_a_gpu_measurement_only_of_the_same_config():
+    report = {"name": "toy", "peak_bytes": int(8.57 * 2**30), "peak_gib": 8.57, "fits": True}
+    same = {"estimate_gib": 8.57, "measured_total_gib": 8.74, "fits": True}
+    assert course_time._fmt_peak(report, same) == "8.6 / 8.7 GiB ✓"
+    over = {"estimate_gib": 8.57, "measured_total_gib": 12.3, "fits": False}
+    assert course_time._fmt_peak(report, over) == "8.6 / 12.3 GiB ✗ (over)"
+    stale = {"estimate_gib": 10.5, "measured_total_gib": 11.03, "fits": True}  # measured before a config change
+    assert course_time._fmt_peak(report, stale) == course_time._fmt_peak(report) == "8.6 GiB ✓"
+    failed = {"estimate_gib": 8.57, "measured_total_gib": None, "fits": None}
+    assert course_time._fmt_peak(report, failed) == "8.6 GiB ✓"
+
+
 def test_summary_reports_targets_without_enforcing_them():
     text, all_ran = course_time.summarize({"a": {"seconds": 120.0, "ok": True}, "b": {"seconds": 5.0, "ok": True}})
     assert all_ran and "SLOW" in text and "ok" in text
