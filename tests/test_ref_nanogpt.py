@@ -230,6 +230,12 @@ def test_full_data_code_on_local_files(tmp_path):
     paths[2].unlink()
     again = data["tokenize_to_shards"](hub_text(str(folder)), encode, 0, out, n_tokens=2500, shard_tokens=1000)
     assert __import__("numpy").load(again[2]).tolist() == arrays[2].tolist()
+
+    def untouchable():  # with every shard on disk, a rerun must not stream the corpus again (10B tokens at full size)
+        raise AssertionError("the documents were read although every shard exists")
+        yield
+
+    assert data["tokenize_to_shards"](untouchable(), encode, 0, out, n_tokens=2500, shard_tokens=1000) == again
     x, y = data["shard_windows"](arrays, 16, 4, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.long and torch.equal(x[:, 1:], y[:, :-1])
 
