@@ -1,4 +1,5 @@
-"""Gradient comparison shared by the reference tests: ours vs a reference model's, parameter by parameter."""
+"""What the reference tests share: weights off their defaults, one upstream gradient for both models, and the
+parameter-by-parameter gradient comparison."""
 from typing import Callable
 
 import torch
@@ -18,3 +19,21 @@ def grad_errors(ours: torch.nn.Module, ref_grad: Callable[[str], torch.Tensor], 
         if err > atol + rtol * g_ref.abs().max().item():
             bad.append(f"{name}: {err:.1e}")
     return worst, bad
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, scale: float = 0.1, seed: int | None = None) -> torch.nn.Module:
+    """Move every parameter off its initial value (LayerNorm 1/0, zero biases, D = 1), so that no match is a lucky
+    one. ``seed``: draw from a generator of that seed instead of the global one."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    for p in model.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def backward_same(*outputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Backpropagate one random upstream gradient g through each output (all of one shape): d sum(out * g)."""
+    upstream = torch.randn(outputs[0].shape, generator=generator, dtype=outputs[0].dtype)
+    for out in outputs:
+        (out * upstream).sum().backward()
+    return upstream

@@ -18,6 +18,7 @@ import torch
 
 import labkit.notebook
 
+from .grads import backward_same
 from .test_exercises import assert_wrong_answers_fail
 
 NB = "05_bitnet"
@@ -94,9 +95,7 @@ def test_bitlinear_matches_autobitlinear(ch, shape):
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ref, y_ours = ref(x_ref), ours(x_ours)
     _report(f"BitLinear({n_in}, {n_out}) output", y_ours, y_ref)
-    upstream = torch.randn_like(y_ref)
-    (y_ref * upstream).sum().backward()
-    (y_ours * upstream).sum().backward()
+    backward_same(y_ref, y_ours)
     _report("  d loss / d input (STE)", x_ours.grad, x_ref.grad)
     _report("  d loss / d latent weight (STE)", ours.weight.grad, ref.weight.grad)
 
@@ -130,9 +129,7 @@ def test_decoder_without_quantisation_matches_bitnet_for_causal_lm(ch, act, n_kv
     idx = torch.randint(0, hf_config.vocab_size, (2, 45))
     logits_ref, logits_ours = ref(idx).logits, ours(idx)[0]
     _report(f"BitNetForCausalLM ({act}, {n_kv} kv heads) logits, quant=False", logits_ours, logits_ref)
-    upstream = torch.randn_like(logits_ref)
-    (logits_ref * upstream).sum().backward()
-    (logits_ours * upstream).sum().backward()
+    backward_same(logits_ref, logits_ours)
     ref_params = dict(ref.named_parameters())
     worst = max(_report(f"  d loss / d {name}", p.grad, ref_params[name].grad, atol=1e-4, rtol=1e-4)
                 for name, p in ours.named_parameters())
@@ -148,9 +145,7 @@ def test_b158_decoder_matches_transformers_with_autobitlinear(ch):
     idx = torch.randint(0, hf_config.vocab_size, (2, 33))
     logits_ref, logits_ours = ref(idx).logits, ours(idx)[0]
     _report("b1.58 decoder logits vs transformers + AutoBitLinear", logits_ours, logits_ref, atol=1e-4)
-    upstream = torch.randn_like(logits_ref)
-    (logits_ref * upstream).sum().backward()
-    (logits_ours * upstream).sum().backward()
+    backward_same(logits_ref, logits_ours)
     ref_params = dict(ref.named_parameters())
     # gradients pass 2 layers of rounding: a token whose absmax entry sits on a rounding tie could differ, so
     # the tolerance is looser than float32's, and the errors are printed

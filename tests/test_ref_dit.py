@@ -28,7 +28,7 @@ from labkit import notebook
 from labkit.data import DataUnavailable
 
 from .conftest import ROOT
-from .grads import grad_errors
+from .grads import grad_errors, perturb_
 from .test_exercises import assert_wrong_answers_fail
 
 NB = ROOT / "notebooks" / "11_dit.ipynb"
@@ -42,14 +42,6 @@ def ns():
 
 def _randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _perturb(model, scale=0.05, seed=0):
-    """Move every weight off its initial value (zeros, ones) so that no term of the forward is trivially zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 # ------------------------------------------------------------------------------------------------ DiT
@@ -108,7 +100,7 @@ def test_dit_outputs_and_grads_match_diffusers(ns, layout):
     cfg = _dit_layouts(ns)[layout]
     torch.manual_seed(0)
     ours = ns["DiT"](cfg)
-    _perturb(ours)
+    perturb_(ours, 0.05, seed=0)
     ref = dit_reference(cfg)
     load_dit_into_reference(ours, ref)
     B, S = 3, cfg.input_size
@@ -132,7 +124,7 @@ def test_dit_timestep_features_are_the_only_difference_from_diffusers(ns):
     cfg = _dit_layouts(ns)["latents, p=2, learn_sigma"]
     torch.manual_seed(0)
     ours = ns["DiT"](cfg)
-    _perturb(ours)
+    perturb_(ours, 0.05, seed=0)
     ref = dit_reference(cfg, dit_time_features=False)
     load_dit_into_reference(ours, ref)
     x, t, y = _randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([2, 5])
@@ -189,7 +181,7 @@ def test_gradient_checkpointing_changes_nothing(ns):
     cfg = _dit_layouts(ns)["latents, p=2, learn_sigma"]
     torch.manual_seed(0)
     plain = ns["DiT"](cfg).train()
-    _perturb(plain)
+    perturb_(plain, 0.05, seed=0)
     ckpt = ns["DiT"](replace(cfg, grad_checkpoint=True)).train()
     ckpt.load_state_dict(plain.state_dict())
     x, t, y = _randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
@@ -245,7 +237,7 @@ def test_pixart_outputs_and_grads_match_diffusers(ns, layout):
                                         learn_sigma=True, context_dim=24)}[layout]
     torch.manual_seed(0)
     ours = ns["PixArtAlpha"](cfg)
-    _perturb(ours)
+    perturb_(ours, 0.05, seed=0)
     ref = pixart_reference(cfg)
     ref.load_state_dict({pixart_name(k): v.clone() for k, v in ours.state_dict().items()}, strict=True)
     B, S = 3, cfg.input_size

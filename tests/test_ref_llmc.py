@@ -24,6 +24,7 @@ from labkit import notebook
 from labkit.data import DataUnavailable
 
 from .conftest import ROOT
+from .grads import perturb_
 from .test_exercises import assert_wrong_answers_fail
 
 NB = ROOT / "notebooks" / "03_llmc.ipynb"
@@ -41,11 +42,7 @@ def random_hf_gpt2(seed=0, n_layer=3, n_head=4, n_embd=64, vocab_size=101, n_pos
                                   n_positions=n_positions, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
                                   embd_pdrop=0.0, attn_pdrop=0.0)
     cfg._attn_implementation = "eager"
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():          # nothing at its default (LayerNorm 1/0, zero biases): no lucky passes
-            p.add_(0.1 * torch.randn_like(p))
-    return hf
+    return perturb_(transformers.GPT2LMHeadModel(cfg).eval())
 
 
 # C tensor -> (transformers name, Conv1D weight to transpose?)

@@ -18,6 +18,7 @@ from labkit import notebook
 from labkit.data import DataUnavailable
 
 from .conftest import ROOT
+from .grads import perturb_
 from .test_exercises import assert_wrong_answers_fail
 
 NB = ROOT / "notebooks" / "04_lora.ipynb"
@@ -39,11 +40,7 @@ def random_hf_gpt2(seed=0):
     cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=101, n_positions=32, bos_token_id=100,
                                   eos_token_id=100, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     cfg._attn_implementation = "eager"
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return hf
+    return perturb_(transformers.GPT2LMHeadModel(cfg).eval())
 
 
 def paired_models(ns, r=4, alpha=8):

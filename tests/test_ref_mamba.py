@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import labkit.notebook
 
+from .grads import backward_same, perturb_
 from .test_exercises import assert_wrong_answers_fail
 
 NB = "07_mamba"
@@ -43,14 +44,6 @@ def _report(name, got, expected, atol=ATOL, rtol=RTOL):
     return err
 
 
-def _perturb(module, seed=0, scale=0.05):
-    """Move every parameter off its initial value (D = 1, zero biases...) so that each one matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
-
 # --------------------------------------------------------------------------- the block vs transformers
 @pytest.mark.parametrize("scan,chunk_size", [("sequential", 64), ("parallel", 64), ("parallel", 7)])
 def test_mixer_matches_transformers(ch, scan, chunk_size):
@@ -58,7 +51,7 @@ def test_mixer_matches_transformers(ch, scan, chunk_size):
 
     torch.manual_seed(0)
     ref = RefMixer(_ref_config(), layer_idx=0).eval()
-    _perturb(ref)
+    perturb_(ref, 0.05, seed=0)
     ours = ch["MambaMixer"](_our_config(ch, scan=scan, chunk_size=chunk_size), 0).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)       # same names, same shapes: 1:1
 
@@ -67,9 +60,7 @@ def test_mixer_matches_transformers(ch, scan, chunk_size):
     y_ref, y_ours = ref(x_ref), ours(x_ours)
     _report(f"MambaMixer output ({scan}, chunk {chunk_size})", y_ours, y_ref)
 
-    w = torch.randn_like(y_ref)
-    (y_ref * w).sum().backward()
-    (y_ours * w).sum().backward()
+    backward_same(y_ref, y_ours)
     _report("d loss / d input", x_ours.grad, x_ref.grad)
     ref_params = dict(ref.named_parameters())
     worst = max(_report(f"d loss / d {name}", p.grad, ref_params[name].grad, atol=1e-4, rtol=1e-4)
@@ -82,7 +73,7 @@ def test_lm_matches_transformers(ch):
 
     torch.manual_seed(0)
     ref = MambaForCausalLM(_ref_config()).eval()
-    _perturb(ref)
+    perturb_(ref, 0.05, seed=0)
     ours = ch["MambaLM"](_our_config(ch)).eval()
     missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=True)
     assert not missing and not unexpected
@@ -98,7 +89,7 @@ def test_greedy_generation_matches_transformers(ch):
 
     torch.manual_seed(1)
     ref = MambaForCausalLM(_ref_config()).eval()
-    _perturb(ref, seed=1, scale=0.2)
+    perturb_(ref, 0.2, seed=1)
     ours = ch["MambaLM"](_our_config(ch)).eval()
     ours.load_state_dict(ref.state_dict())
     prompt = torch.randint(1, 128, (1, 9))
@@ -113,7 +104,7 @@ def test_greedy_generation_matches_transformers(ch):
 def test_cached_decoding_equals_full_forward(ch):
     torch.manual_seed(0)
     model = ch["MambaLM"](_our_config(ch)).eval()
-    _perturb(model, scale=0.1)
+    perturb_(model, 0.1, seed=0)
     idx = torch.randint(0, 128, (3, 40))
     with torch.no_grad():
         full, _ = model(idx)

@@ -16,6 +16,7 @@ from labkit import notebook
 from labkit.data import DataUnavailable
 
 from .conftest import ROOT
+from .grads import perturb_
 from .test_exercises import assert_wrong_answers_fail
 
 NB = ROOT / "notebooks" / "02_nanogpt.ipynb"
@@ -32,11 +33,7 @@ def random_hf_gpt2(attn_implementation="eager", seed=0, **kw):
     cfg = transformers.GPT2Config(n_layer=3, n_head=4, n_embd=64, vocab_size=101, n_positions=48, bos_token_id=100,
                                   eos_token_id=100, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
     cfg._attn_implementation = attn_implementation
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():          # nothing at its default (LayerNorm 1/0, zero biases): no lucky passes
-            p.add_(0.1 * torch.randn_like(p))
-    return hf
+    return perturb_(transformers.GPT2LMHeadModel(cfg).eval())
 
 
 # name in our model -> (name in transformers, transpose?)

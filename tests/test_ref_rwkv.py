@@ -11,6 +11,7 @@ import torch
 
 import labkit.notebook
 
+from .grads import backward_same
 from .test_exercises import assert_wrong_answers_fail
 
 NB = "08_rwkv"
@@ -65,9 +66,7 @@ def test_logits_and_gradients_match_transformers(ch, wkv, chunk_size):
     ref_logits = ref(idx, use_cache=False).logits
     _report(f"logits ({wkv}, chunk {chunk_size})", logits, ref_logits)
 
-    w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
-    (logits * w).sum().backward()
-    (ref_logits * w).sum().backward()
+    backward_same(logits, ref_logits, generator=torch.Generator().manual_seed(2))
     ref_params = dict(ref.named_parameters())
     worst = max(_report(f"d/d {name}", p.grad, ref_params[name].grad, atol=1e-4, rtol=1e-4)
                 for name, p in ours.named_parameters())

@@ -19,7 +19,7 @@ from labkit import notebook
 from labkit.data import DataUnavailable
 
 from .conftest import ROOT
-from .grads import grad_errors
+from .grads import grad_errors, perturb_
 from .test_exercises import assert_wrong_answers_fail
 
 NB = ROOT / "notebooks" / "10_unet.ipynb"
@@ -220,9 +220,7 @@ def test_cross_attention_matches_diffusers_attention(ns):
     ours = ns["Attention"](32, head_dim=16, groups=4, eps=1e-5, context_dim=24)
     ref = Attention(32, cross_attention_dim=24, heads=2, dim_head=16, norm_num_groups=4, eps=1e-5, bias=True,
                     out_bias=True, residual_connection=True)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    perturb_(ours)
     ref.load_state_dict({k.replace("norm.", "group_norm.").replace("to_out.", "to_out.0."): v
                          for k, v in ours.state_dict().items()}, strict=True)
     x, ctx = _randn(2, 32, 8, 8, seed=1), _randn(2, 4, 24, seed=2)
