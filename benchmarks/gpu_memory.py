@@ -159,7 +159,8 @@ def chapter_result(nb: str, device: str, size: str, steps: int, micro_batches: i
         if "vram_job" not in ns:
             return {"error": "no vram_job() in a cell tagged `vram`", "fits": None}
         job = ns["vram_job"]()
-    result = {"name": job.name, "amp_dtype": str(job.amp_dtype).removeprefix("torch.") if job.amp_dtype else None}
+    result = {"name": job.name, "amp_dtype": str(job.amp_dtype).removeprefix("torch.") if job.amp_dtype else None,
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}  # as this worker's allocator saw it
     try:
         report = estimate(job, budget_gb=budget_gib)
         result["estimate_gib"] = report.peak_bytes / GiB
@@ -201,6 +202,9 @@ def run_all(args) -> dict:
         print("no chapter notebook has a `vram` cell yet", file=sys.stderr)
     t_start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    if args.expandable_segments:  # the allocator grows segments in place instead of caching blocks of many sizes
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    results["alloc_conf"] = env.get("PYTORCH_CUDA_ALLOC_CONF", "")
     for i, nb in enumerate(names):
         stem = Path(nb).stem if nb != DRY_RUN else "dry_run"
         left = args.budget_s - (time.perf_counter() - t_start)
@@ -255,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step (the estimate traces 2)")
     p.add_argument("--budget-gib", type=float, default=BUDGET_GIB, help="the memory cap, GiB (an RTX 4070: 12)")
     p.add_argument("--budget-s", type=float, default=540, help="wall-clock budget for all chapters")
+    p.add_argument("--expandable-segments", action="store_true",
+                   help="run the steps with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less allocator slack)")
     p.add_argument("--out", type=Path, default=None,
                    help="default benchmarks/results/gpu_memory.json (a dry run prints instead, unless given)")
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -275,6 +275,16 @@ def test_gpu_memory_dry_run_on_cpu(tmp_path):
     entry = r["chapters"]["dry_run"]
     assert REQUIRED <= set(entry) and entry["error"] is None and entry["steps_done"] == 1
     assert entry["step_s"] > 0 and entry["estimate_gib"] > 0.5  # includes the CUDA-context line
+    assert entry["alloc_conf"] == os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+
+
+def test_gpu_memory_passes_the_allocator_setting_to_its_workers(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    out = tmp_path / "gpu_memory.json"
+    assert gpu_memory.main(["--device", "cpu", "--dry-run", "--steps", "1", "--expandable-segments",
+                            "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["alloc_conf"] == r["chapters"]["dry_run"]["alloc_conf"] == "expandable_segments:True"
 
 
 def test_gpu_memory_reads_the_chapters_vram_jobs(nbdir, tmp_path):
