@@ -9,10 +9,11 @@ import re
 import sys
 from pathlib import Path
 
+from labkit.notebook import chapters as labkit_chapters
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = ROOT / "notebooks"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CHAPTER_GLOB = "[0-9][0-9]_*.ipynb"
 MiB, GiB = 1024**2, 1024**3
 
 
@@ -22,7 +23,7 @@ def chapters(notebooks_dir: Path | str | None = None, only: list[str] | None = N
     ``only`` accepts stems (``01_mingpt``), file names, or the bare number (``01``).
     """
     folder = Path(notebooks_dir) if notebooks_dir else NOTEBOOKS_DIR
-    found = sorted(folder.glob(CHAPTER_GLOB))
+    found = labkit_chapters(folder)                  # not the learner copies beside them
     if not only:
         return found
     wanted = {w.removesuffix(".ipynb") for w in only}

@@ -26,18 +26,83 @@ from pathlib import Path
 
 import nbformat
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"   # in a checkout (or an editable install)
+NOTEBOOKS_ENV = "LABKIT_NOTEBOOKS"          # folders holding the chapters (os.pathsep-separated), searched first
+CLONE_ENV = "LABKIT_CLONE"                  # where the Colab cell clones the course
+DEFAULT_CLONE = "~/ai-from-scratch"
 _counter = itertools.count()
 
 
+def clone_dir() -> Path:
+    return Path(os.environ.get(CLONE_ENV) or DEFAULT_CLONE).expanduser()
+
+
+def search_path() -> list[Path]:
+    """Where a bare chapter name is looked up, in order: $LABKIT_NOTEBOOKS, the current folder (a kernel's is its
+    notebook's folder) and its notebooks/, the checkout labkit was imported from, the Colab cell's clone."""
+    env = [Path(p).expanduser() for p in os.environ.get(NOTEBOOKS_ENV, "").split(os.pathsep) if p]
+    folders = [*env, Path.cwd(), Path.cwd() / "notebooks", NOTEBOOK_DIR, clone_dir() / "notebooks"]
+    return list(dict.fromkeys(f.resolve() for f in folders))
+
+
 def resolve(path: str | os.PathLike) -> Path:
-    """A notebook path, also accepting a bare name like ``01_mingpt`` (looked up in notebooks/)."""
+    """A notebook path, also accepting a bare name like ``01_mingpt`` (looked up in ``search_path()``)."""
     p = Path(path)
-    candidates = [p, p.with_suffix(".ipynb"), NOTEBOOK_DIR / p.name, (NOTEBOOK_DIR / p.name).with_suffix(".ipynb")]
+    candidates = [p, p.with_suffix(".ipynb")]
+    if not p.is_absolute():
+        candidates += [f / q for f in search_path() for q in (p, p.with_suffix(".ipynb"))]
     for c in candidates:
         if c.is_file():
             return c
-    raise FileNotFoundError(f"notebook {str(path)!r} not found (looked in the current folder and {NOTEBOOK_DIR})")
+    looked = "\n  ".join(str(f) for f in search_path())
+    raise FileNotFoundError(
+        f"notebook {str(path)!r} not found. Looked in:\n  {looked}\nOutside a copy of the course (Colab, a chapter "
+        f"downloaded alone) run the chapter's first cell, which fetches the course, or set {NOTEBOOKS_ENV} to the "
+        f"folder that holds the chapters.")
+
+
+# --- the first cell of every chapter: Colab, or a chapter opened outside a copy of the course --------------
+
+COLAB_TAGS = ["colab", "remove-cell"]       # `remove-cell`: the book leaves it out; Colab and Jupyter show it
+COLAB_CELL = '''# Colab, or this chapter opened outside a copy of the course: fetch the course, install labkit.
+# In a checkout (`make lab`, the book, the tests) this cell does nothing and downloads nothing.
+import importlib.util, os, subprocess, sys
+from pathlib import Path
+
+try:
+    import labkit.notebook
+    labkit.notebook.resolve("01_mingpt")
+except (ImportError, FileNotFoundError):
+    clone = Path(os.environ.get("{clone_env}") or "{default_clone}").expanduser()
+    if not (clone / "notebooks").is_dir():
+        url = os.environ.get("LABKIT_REPO") or "{url}"
+        subprocess.run(["git", "clone", "-q", "--depth", "1", url, str(clone)], check=True)
+    if importlib.util.find_spec("labkit") is None:
+        extra = "[full]" if os.environ.get("LABKIT_SIZE") == "full" else ""
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"{{clone}}{{extra}}"], check=True)
+        importlib.invalidate_caches()
+    os.environ["{notebooks_env}"] = str(clone / "notebooks")
+    print(f"the course is in {{clone}}")
+'''
+
+
+def colab_cell(url: str) -> str:
+    """The source of every chapter's first cell, cloning ``url`` (the repository in _config.yml)."""
+    return COLAB_CELL.format(url=url, clone_env=CLONE_ENV, default_clone=DEFAULT_CLONE, notebooks_env=NOTEBOOKS_ENV)
+
+
+def set_colab_cell(nb: nbformat.NotebookNode, url: str) -> bool:
+    """Make ``nb``'s first cell the current Colab cell (inserting or updating it). True if it changed."""
+    cell = nbformat.v4.new_code_cell(colab_cell(url), metadata={"tags": list(COLAB_TAGS)})
+    cell.id = "colab-setup"                       # stable, so that re-running the script leaves no diff
+    first = nb.cells[0] if nb.cells else None
+    if first is not None and first.cell_type == "code" and "colab" in tags_of(first):
+        if first.source == cell.source and tags_of(first) == COLAB_TAGS:
+            return False
+        first.source, first.metadata["tags"] = cell.source, list(COLAB_TAGS)
+        return True
+    nb.cells.insert(0, cell)
+    return True
 
 
 def read(path: str | os.PathLike) -> nbformat.NotebookNode:
@@ -180,3 +245,29 @@ def strip(path, out: str | os.PathLike | None = None) -> Path:
     out = Path(out) if out else nb_path.with_name(nb_path.stem + "_exercises.ipynb")
     nbformat.write(nb, out)
     return out
+
+
+def repo_url(config: str | os.PathLike = NOTEBOOK_DIR.parent / "_config.yml") -> str:
+    """The course's repository, from the book's _config.yml (the one place it is written)."""
+    import yaml
+
+    return yaml.safe_load(Path(config).read_text())["repository"]["url"]
+
+
+def chapters(folder: str | os.PathLike | None = None) -> list[Path]:
+    """The chapters ``NN_name.ipynb`` in ``folder`` (default: the checkout's notebooks/), not the learner copies
+    (``NN_name_exercises.ipynb``, written beside them by ``make exercises``)."""
+    found = Path(folder or NOTEBOOK_DIR).glob("[0-9][0-9]_*.ipynb")
+    return sorted(p for p in found if not p.stem.endswith("_exercises"))
+
+
+def update_colab_cells(paths=None, url: str | None = None) -> list[Path]:
+    """Give every chapter (default: ``chapters()``) the current first cell; returns the changed ones."""
+    url = url or repo_url()
+    changed = []
+    for p in paths or chapters():
+        nb = nbformat.read(p, as_version=4)
+        if set_colab_cell(nb, url):
+            nbformat.write(nb, p)
+            changed.append(Path(p))
+    return changed

@@ -3,8 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from labkit.notebook import chapters
+
 ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = chapters(ROOT / "notebooks")          # NN_name.ipynb, not the learner copies beside them
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 

@@ -50,7 +50,9 @@ def test_notebooks_are_committed_without_outputs_and_follow_the_template():
         nb = json.loads(nb_path.read_text())
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         assert not any(c.get("outputs") for c in code), f"{nb_path.name} carries outputs"
-        assert "parameters" in code[0]["metadata"].get("tags", []), f"{nb_path.name}: first code cell must be `parameters`"
+        # the Colab set-up cell (tests/test_newcomer.py checks it is the current one), then the size switch
+        assert "colab" in code[0]["metadata"].get("tags", []), f"{nb_path.name}: first code cell must be the Colab cell"
+        assert "parameters" in code[1]["metadata"].get("tags", []), f"{nb_path.name}: second code cell must be `parameters`"
         assert "jupytext" not in nb["metadata"], f"{nb_path.name} carries jupytext metadata"
         tags = {t for c in code for t in c["metadata"].get("tags", [])}
         assert {"model", "vram", "exercise", "check"} <= tags, f"{nb_path.name} lacks tags: {tags}"
