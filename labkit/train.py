@@ -12,17 +12,19 @@ nothing is lost. A CUDA out-of-memory error is answered with the memory in use a
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from labkit import distributed
 from labkit.device import amp_dtype as default_amp_dtype
 from labkit.device import device as default_device
 from labkit.device import peak_flops
@@ -49,9 +51,13 @@ class TrainConfig:
     ckpt_path: str | None = None         # where checkpoints go; None = no checkpoints
     progress: bool = True                # tqdm progress bar (a widget in Jupyter)
     live_plot: bool = True               # redraw the loss plot at each eval, in Jupyter only
+    strategy: str | None = None          # under torchrun only: "ddp" or "fsdp" (None: $LABKIT_STRATEGY, else "ddp");
+                                         # see labkit.distributed. grad_accum counts micro-batches over all ranks
 
     def __post_init__(self):
         problems = []
+        if self.strategy not in (None, "ddp", "fsdp"):
+            problems.append(f"strategy must be None, 'ddp' or 'fsdp' (got {self.strategy!r})")
         if self.max_steps < 1:
             problems.append(f"max_steps must be >= 1 (got {self.max_steps})")
         if self.grad_accum < 1:
@@ -82,14 +88,33 @@ def is_matrix(p: torch.Tensor) -> bool:
     return sum(n > 1 for n in p.shape) >= 2
 
 
-def adamw(model: nn.Module, cfg: TrainConfig, device: torch.device | None = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (embeddings, linear and conv weights), fused on CUDA and CPU."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if is_matrix(p)]
-    no_decay = [p for p in params if not is_matrix(p)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device is not None and device.type in ("cuda", "cpu")  # fused kernels exist for both (torch >= 2.4)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+def decays(p: torch.Tensor) -> bool:
+    """Whether AdamW decays ``p``: matrices (``is_matrix``), unless marked ``p._no_weight_decay = True``, the marker
+    mamba-ssm and transformers put on Mamba's ``A_log`` and ``D``."""
+    return is_matrix(p) and not getattr(p, "_no_weight_decay", False)
+
+
+def adamw(params: nn.Module | Iterable[torch.Tensor], cfg: TrainConfig | None = None,
+          device: torch.device | str | None = None, **overrides) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (embeddings, linear and conv weights; see ``decays``), fused on
+    CUDA and CPU.
+
+    ``params``: a model or its parameters (frozen ones are left out). ``cfg`` gives ``lr``, ``betas`` and
+    ``weight_decay``; keywords override them. ``device``: where the step runs (fused kernels exist for CUDA
+    and CPU, torch >= 2.4). The Trainer calls this, and so does a chapter's ``vram_job``
+    (``make_optimizer=lambda params: adamw(params, cfg, "cuda")``): the estimate traces the optimizer that trains.
+    """
+    unknown = set(overrides) - {"lr", "betas", "weight_decay"}
+    if unknown:
+        raise TypeError(f"adamw() got unexpected keywords {sorted(unknown)} (lr, betas, weight_decay)")
+    cfg = cfg or TrainConfig()
+    hp = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": cfg.weight_decay, **overrides}
+    params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
+    groups = [{"params": [p for p in params if decays(p)], "weight_decay": hp["weight_decay"]},
+              {"params": [p for p in params if not decays(p)], "weight_decay": 0.0}]
+    device = torch.device(device) if device is not None else None
+    fused = device is not None and device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], fused=fused)
 
 
 def to_device(batch: Batch, dev: torch.device) -> Batch:
@@ -155,20 +180,33 @@ class Trainer:
                  peak_flops: float | None = None, eval_fn: Callable[[nn.Module], dict] | None = None,
                  device: torch.device | str | None = None):
         self.cfg = config or TrainConfig()
+        self.dist = None  # a labkit.distributed.Dist under torchrun; None in a single process
+        if distributed.launched():
+            self.dist = distributed.setup(torch.device(device) if device is not None else None,
+                                          distributed.strategy_from(self.cfg.strategy), self.cfg.grad_accum)
+            device = self.dist.device
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device)
         self.get_batch = get_batch
         self.loss_fn = loss_fn or default_loss
-        self.optimizer = optimizer or adamw(self.model, self.cfg, self.device)
-        self.items_per_batch, self.item_name = items_per_batch, item_name
-        self.flops_per_item = flops_per_item
-        self.peak = peak_flops if peak_flops is not None else globals()["peak_flops"](self.device)
-        self.eval_fn = eval_fn
         forced = {"bf16": torch.bfloat16, "fp16": torch.float16}
         if isinstance(self.cfg.amp, str) and self.cfg.amp not in forced:
             raise ValueError(f"TrainConfig.amp must be True, False, 'bf16' or 'fp16' (got {self.cfg.amp!r})")
         self.amp_dtype = forced[self.cfg.amp] if isinstance(self.cfg.amp, str) else (
             default_amp_dtype(self.device) if self.cfg.amp else None)
+        self.net = self.model  # what the training step calls: the model, or its DDP / FSDP2 wrapping
+        if self.dist is not None:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            self.net = distributed.wrap(self.model, self.dist, self.amp_dtype)
+            if optimizer is not None and self.dist.strategy == "fsdp":
+                optimizer = distributed.rebind_optimizer(optimizer, names, self.model)
+        self.optimizer = optimizer or adamw(self.model, self.cfg, self.device)
+        self.items_per_batch, self.item_name = items_per_batch, item_name
+        self.flops_per_item = flops_per_item
+        self.peak = peak_flops if peak_flops is not None else globals()["peak_flops"](self.device)
+        if self.peak and self.dist is not None:
+            self.peak *= self.dist.world_size  # MFU of the whole job: tokens/s are counted over all ranks
+        self.eval_fn = eval_fn
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step = 0
         self.history: list[dict] = []
@@ -183,18 +221,25 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
-        cfg, model = self.cfg, self.model
+        cfg, model, d = self.cfg, self.net, self.dist
         model.train()
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:   # a group may run at a multiple of the schedule
             group["lr"] = lr * group.get("lr_scale", 1.0)
+        draws, local = (self.get_batch("train", self.generator) for _ in range(cfg.grad_accum)), cfg.grad_accum
+        if d is not None:  # every rank draws every micro-batch and keeps its share (see labkit.distributed)
+            distributed.seed_dropout(cfg.seed, self.step, d)
+            draws, local = distributed.mine(draws, d), cfg.grad_accum // d.world_size
         total = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = to_device(self.get_batch("train", self.generator), self.device)
-            with self._autocast():
-                loss = self.loss_fn(model, batch)
-            self.scaler.scale(loss / cfg.grad_accum).backward()
+        for i, batch in enumerate(draws):
+            batch = to_device(batch, self.device)
+            with distributed.accumulating(model, d, last=i == local - 1) if d else contextlib.nullcontext():
+                with self._autocast():
+                    loss = self.loss_fn(model, batch)
+                self.scaler.scale(loss / local).backward()
             total += loss.item()
+        if d is not None:
+            total = distributed.global_sum(total, d)  # the loss reported is the mean over all ranks' micro-batches
         if cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -208,17 +253,24 @@ class Trainer:
     def evaluate(self) -> dict:
         """Mean loss over ``eval_batches`` fixed batches per split (the same batches every time)."""
         self.model.eval()
-        out = {}
+        out, d, count = {}, self.dist, self.cfg.eval_batches
         for split in ("train", "val"):
             g = torch.Generator().manual_seed(self.cfg.seed + (1 if split == "train" else 2))
+            draws = (self.get_batch(split, g) for _ in range(count))
+            if d is not None:  # each rank its share, all ranks the same number of forwards (FSDP gathers need all)
+                draws = distributed.mine((self.get_batch(split, g) for _ in range(-(-count // d.world_size) * d.world_size)), d)
             losses = []
-            for _ in range(self.cfg.eval_batches):
-                batch = to_device(self.get_batch(split, g), self.device)
+            for batch in draws:
+                batch = to_device(batch, self.device)
                 with self._autocast():
                     losses.append(self.loss_fn(self.model, batch).item())
-            out[f"{split}_loss"] = sum(losses) / len(losses)
+            if d is None:
+                out[f"{split}_loss"] = sum(losses) / len(losses)
+            else:  # the k-th batch of rank r is batch r + k * world; the padding past eval_batches does not count
+                own = sum(x for k, x in enumerate(losses) if d.rank + k * d.world_size < count)
+                out[f"{split}_loss"] = distributed.global_sum(own, d) / count
         if self.eval_fn is not None:
-            out.update(self.eval_fn(self.model))
+            out.update(self.eval_fn(self.model) if d is None else distributed.on_main(self.eval_fn, self.model, d))
         self.model.train()
         return out
 
@@ -238,14 +290,36 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
 
+    @property
+    def is_main(self) -> bool:
+        """True in a single process and on rank 0: the one that prints, plots and shows progress."""
+        return self.dist is None or self.dist.is_main
+
+    def _counters(self) -> dict:
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()}
+        return {"step": self.step, "history": self.history, "scaler": self.scaler.state_dict(), "config": config}
+
     def save(self, path: str | os.PathLike | None = None) -> Path:
         path = Path(path or self.cfg.ckpt_path)
+        if self.dist is not None:  # a sharded checkpoint folder (torch.distributed.checkpoint), each rank its part
+            return distributed.save(path, self.model, self.optimizer, self.generator, self._counters(), self.dist)
         save_atomic(self.state_dict(), path)
         return path
 
     def load(self, path: str | os.PathLike | None = None) -> None:
-        """Restore everything a step depends on: weights, optimizer, step, data order, dropout RNG."""
-        state = torch.load(path or self.cfg.ckpt_path, map_location=self.device, weights_only=True)
+        """Restore everything a step depends on: weights, optimizer, step, data order, dropout RNG.
+        A checkpoint folder written under torchrun loads on any number of ranks (one included)."""
+        path = distributed.resolve(path or self.cfg.ckpt_path)
+        if distributed.is_dcp(path):
+            counters = distributed.load(path, self.model, self.optimizer, self.generator)
+            self.step, self.history = counters["step"], counters["history"]
+            self.scaler.load_state_dict(counters["scaler"])
+            return
+        if self.dist is not None:
+            raise ValueError(f"{path} is a one-process checkpoint (a torch.save file); under torchrun the Trainer "
+                             "resumes from checkpoint folders written under torchrun: resume it in one process, "
+                             "or start this run with another ckpt_path")
+        state = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -261,11 +335,12 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        if resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists() and self.step == 0:
+        if resume and cfg.ckpt_path and distributed.resolve(cfg.ckpt_path).exists() and self.step == 0:
             self.load()
-            print(f"resumed from {cfg.ckpt_path} at step {self.step}")
+            if self.is_main:
+                print(f"resumed from {cfg.ckpt_path} at step {self.step}")
         end = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
-        bar = tqdm(total=end, initial=self.step, desc="training", unit="step", disable=not cfg.progress)
+        bar = tqdm(total=end, initial=self.step, desc="training", unit="step", disable=not (cfg.progress and self.is_main))
         t_last, items, step_t0 = time.perf_counter(), 0, time.perf_counter()
         step_start = (self.generator.get_state(), torch.get_rng_state())
         try:
@@ -305,9 +380,9 @@ class Trainer:
             torch.set_rng_state(step_start[1])
             if cfg.ckpt_path:
                 self.save()
-                print(f"interrupted at step {self.step}: checkpoint saved to {cfg.ckpt_path}; fit() again resumes")
-            else:
-                print(f"interrupted at step {self.step}; the history so far is returned")
+            if self.is_main:
+                print(f"interrupted at step {self.step}: checkpoint saved to {cfg.ckpt_path}; fit() again resumes"
+                      if cfg.ckpt_path else f"interrupted at step {self.step}; the history so far is returned")
             return self.history
         except torch.cuda.OutOfMemoryError as e:
             bar.close()
@@ -331,7 +406,7 @@ class Trainer:
                 "  - see where the memory goes first: `labkit vram NOTEBOOK --size full` prints the breakdown.")
 
     def _draw(self, final: bool = False) -> None:
-        if not self.cfg.live_plot or not _in_notebook():
+        if not self.cfg.live_plot or not self.is_main or not _in_notebook():
             return
         evals = [h for h in self.history if "val_loss" in h]
         if len(evals) < 1 or (final and self._plot_handle is None and len(evals) < 2):
