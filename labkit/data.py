@@ -157,8 +157,10 @@ def hub_text(name: str, split: str | None = None, *, streaming: bool = True, tex
 
 
 def pack_tokens(texts: Iterable[str], encode: Callable[[str], list[int]], n_tokens: int, eos: int | None = None,
-                progress: bool = True) -> torch.Tensor:
-    """Tokenize documents and concatenate them (with ``eos`` between) until ``n_tokens`` ids are collected."""
+                progress: bool = True, allow_short: bool = False) -> torch.Tensor:
+    """Tokenize documents and concatenate them (with ``eos`` between) until ``n_tokens`` ids are collected.
+
+    If the documents run out first: raise, or with ``allow_short`` return the ids collected so far."""
     from tqdm.auto import tqdm
 
     out = torch.empty(n_tokens, dtype=torch.long)
@@ -174,6 +176,8 @@ def pack_tokens(texts: Iterable[str], encode: Callable[[str], list[int]], n_toke
             break
     bar.close()
     if filled < n_tokens:
+        if allow_short:
+            return out[:filled]
         raise ValueError(f"the corpus ran out after {filled:,} of the {n_tokens:,} tokens asked for")
     return out
 

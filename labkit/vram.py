@@ -87,7 +87,9 @@ class TrainJob:
     ``make_model`` runs under ``torch.device("meta")`` and ``make_batch`` under ``FakeTensorMode``, so
     both are free at any size (but must not read values: no ``.item()``, no weight loading).
     ``loss_fn(model, batch)`` runs the forward and returns the scalar loss, under autocast(amp_dtype).
-    ``make_optimizer(params)`` defaults to ``AdamW(params, lr=1e-4)``: two fp32 states per parameter.
+    ``make_optimizer(params)`` defaults to ``AdamW(params, lr=1e-4)``: two fp32 states per parameter. To trace
+    the optimizer the Trainer runs, pass what it builds: ``lambda params: labkit.train.adamw(params, cfg, "cuda")``
+    (fused on CUDA, the decay groups of ``labkit.train.decays``).
     Fake tensors have no values, so shapes that depend on data (``bincount``, ``nonzero``, ``.tolist()``, as
     in a dropless MoE dispatch) cannot be traced: trace a static-shape path that bounds it (capacity dispatch).
     """
@@ -345,10 +347,14 @@ def _trace(job: TrainJob) -> tuple[str, dict[str, int]]:
                          f"got {type(model).__name__}")
     tied_params = _shared(model.named_parameters(remove_duplicate=False))
     tied_buffers = _shared(model.named_buffers(remove_duplicate=False))
+    # to_empty makes new Parameter objects: keep the attributes set on the old ones (``_no_weight_decay``)
+    marks = {name: dict(vars(p)) for name, p in model.named_parameters() if vars(p)}
     with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
         model.to_empty(device="cpu")
         _retie(model, tied_params, "_parameters")
         _retie(model, tied_buffers, "_buffers")
+        for name, attributes in marks.items():
+            vars(model.get_parameter(name)).update(attributes)
         model.train()
         make_opt = job.make_optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         optimizer = _call("make_optimizer", make_opt, model.parameters())

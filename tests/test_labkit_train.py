@@ -162,6 +162,53 @@ def test_vectors_with_unit_dimensions_are_not_decayed():
     assert [p.shape for p in no_decay["params"]] == [m.mix.shape]
 
 
+def test_adamw_takes_a_model_or_parameters_and_honours_no_weight_decay():
+    from labkit.train import adamw
+
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.zeros(4, 3))
+    m.A_log = torch.nn.Parameter(torch.zeros(4, 3))           # a matrix that mamba-ssm exempts
+    m.A_log._no_weight_decay = True
+    m.frozen = torch.nn.Parameter(torch.zeros(4, 3), requires_grad=False)
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.3, betas=(0.8, 0.9))
+    for opt in (adamw(m, cfg), adamw(m.parameters(), cfg), adamw(list(m.parameters()), cfg, "cpu")):
+        decay, no_decay = opt.param_groups
+        assert [id(p) for p in decay["params"]] == [id(m.w)] and [id(p) for p in no_decay["params"]] == [id(m.A_log)]
+        assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0 and decay["betas"] == (0.8, 0.9)
+    assert adamw(m, cfg, "cpu").param_groups[0]["fused"] and not adamw(m, cfg).param_groups[0]["fused"]
+    assert adamw(m, cfg, lr=5e-4, weight_decay=0.0).param_groups[0]["weight_decay"] == 0.0
+    with pytest.raises(TypeError, match="unexpected"):
+        adamw(m, cfg, momentum=0.9)
+
+
+def test_the_vram_trace_keeps_the_no_weight_decay_marker():
+    """The estimator rebuilds parameters on fake storage (to_empty): the marker must survive, so that the traced
+    optimizer has the same groups as the one that trains."""
+    import labkit.vram
+    from labkit.train import adamw
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(8, 8))
+            self.A_log = torch.nn.Parameter(torch.ones(8, 8))
+            self.A_log._no_weight_decay = True
+
+        def forward(self, x):
+            return (x @ self.w @ self.A_log).sum()
+
+    groups = []
+
+    def make_optimizer(params):
+        opt = adamw(params, TrainConfig(), "cuda")
+        groups.append([len(g["params"]) for g in opt.param_groups])
+        return opt
+
+    labkit.vram.estimate(labkit.vram.TrainJob(make_model=Two, make_batch=lambda: torch.ones(2, 8),
+                                              loss_fn=lambda m, x: m(x), make_optimizer=make_optimizer))
+    assert groups == [[1, 1]]
+
+
 def test_param_group_lr_scale_multiplies_the_schedule():
     t = make(cfg(max_steps=3, warmup_steps=0))
     base = t.optimizer.param_groups[0]
@@ -181,7 +228,7 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
         def __reduce__(self):
             raise RuntimeError("cannot pickle")
 
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="cannot pickle"):
         save_atomic({"x": Boom()}, tmp_path / "a.pt")
     assert os.listdir(tmp_path) == ["a.pt"]            # the old checkpoint survives, no temp left
     assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["x"], torch.ones(3))

@@ -338,6 +338,43 @@ def test_instruction_formatting_on_local_rows(tmp_path):
     assert batch["attention_mask"][0].sum() == len(row["input_ids"]) and (batch["labels"][0, len(row["labels"]):] == -100).all()
 
 
+def test_full_run_checkpoints_and_resumes_the_adapters_only(tmp_path):
+    """The full run's wrapper, on a tiny GPT-2 with peft LoRA: the Trainer's checkpoint holds the adapters only,
+    and a fresh base + fresh adapters resume from it exactly (the 7B base is never saved or strictly loaded)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from labkit.train import Trainer, TrainConfig
+
+    data = notebook.load(NB, ("model", "data"))
+
+    def fresh():
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+        lm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True))
+        return data["CausalLMLoss"](lm)
+
+    def batch(split, g):
+        ids = torch.randint(50, (2, 12), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    cfg = TrainConfig(max_steps=4, lr=1e-2, warmup_steps=0, eval_every=2, eval_batches=1, progress=False,
+                      live_plot=False, ckpt_path=str(tmp_path / "adapters.pt"))
+    wrapped = fresh()
+    Trainer(wrapped, batch, config=cfg, device="cpu").fit(steps=2)
+    saved = torch.load(cfg.ckpt_path, weights_only=True)["model"]
+    trained = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert set(saved) == trained and all("lora_" in n for n in saved), sorted(saved)[:4]
+    resumed = fresh()
+    trainer = Trainer(resumed, batch, config=cfg, device="cpu")
+    trainer.load()
+    assert trainer.step == 2
+    for name, p in resumed.named_parameters():
+        assert torch.equal(p, wrapped.get_parameter(name)), name
+    with pytest.raises(RuntimeError, match="does not fit"):
+        resumed.load_state_dict({"lm.nonsense": torch.zeros(1)})
+
+
 def test_hub_data_offline_explains(tmp_path, monkeypatch):
     import datasets
     import huggingface_hub.constants as hub_constants

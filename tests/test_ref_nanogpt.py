@@ -235,6 +235,14 @@ def test_full_data_code_on_local_files(tmp_path):
     assert data["tokenize_to_shards"](untouchable(), encode, 0, out, n_tokens=2500, shard_tokens=1000) == again
     x, y = data["shard_windows"](arrays, 16, 4, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (4, 16) and x.dtype == torch.long and torch.equal(x[:, 1:], y[:, :-1])
+    # asking for more tokens than the corpus holds (10.0B from sample-10BT) keeps what there is, without raising
+    short = data["tokenize_to_shards"](hub_text(str(folder)), encode, 0, tmp_path / "short", n_tokens=len(stream) + 1500,
+                                       shard_tokens=1000)
+    lengths = [len(__import__("numpy").load(p)) for p in short]
+    # (a shard drops the rest of the document it ends in, so the shards hold a little less than the stream)
+    assert lengths[:-1] == [1000] * (len(short) - 1) and 0 < lengths[-1] < 1000 and len(stream) - 1000 < sum(lengths)
+    assert data["tokenize_to_shards"](untouchable(), encode, 0, tmp_path / "short", n_tokens=len(stream) + 1500,
+                                      shard_tokens=1000) == short
 
 
 WRONG_ANSWERS = {

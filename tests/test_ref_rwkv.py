@@ -269,8 +269,11 @@ def test_presets(ch):
 
 
 def test_optimizer_never_decays_mixing_decay_or_norm_parameters(ch):
+    """The chapter trains with the Trainer's AdamW (labkit.train.adamw): its rule must spare RWKV's vectors."""
+    from labkit.train import TrainConfig, adamw
+
     model = _our_model(ch)
-    opt = ch["configure_optimizer"](model, lr=1e-3, weight_decay=0.1)
+    opt = adamw(model, TrainConfig(lr=1e-3, weight_decay=0.1))
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in decayed}
     assert names and all(name.endswith("weight") and "ln" not in name for name in names)
