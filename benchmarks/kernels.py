@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import KERNELS, Kernel
+from benchmarks import Kernel
 from benchmarks._common import RESULTS_DIR, load_notebook, machine_info, write_json
 
 

@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -27,7 +27,7 @@ from torch import nn
 from labkit import distributed
 from labkit.device import amp_dtype as default_amp_dtype
 from labkit.device import device as default_device
-from labkit.device import peak_flops
+from labkit.device import peak_flops as device_peak_flops
 
 Batch = Any
 
@@ -203,7 +203,7 @@ class Trainer:
         self.optimizer = optimizer or adamw(self.model, self.cfg, self.device)
         self.items_per_batch, self.item_name = items_per_batch, item_name
         self.flops_per_item = flops_per_item
-        self.peak = peak_flops if peak_flops is not None else globals()["peak_flops"](self.device)
+        self.peak = peak_flops if peak_flops is not None else device_peak_flops(self.device)
         if self.peak and self.dist is not None:
             self.peak *= self.dist.world_size  # MFU of the whole job: tokens/s are counted over all ranks
         self.eval_fn = eval_fn

@@ -107,3 +107,14 @@ def test_offline_guard_blocks_the_network():
 def test_notebook_runs_use_the_offline_guard():
     make = (ROOT / "Makefile").read_text()
     assert "notebooks --nbval-lax -p tests.offline.plugin" in make
+
+
+def test_ruff_check_is_clean():
+    """`ruff check` (rules in pyproject's [tool.ruff]) over labkit, tests, benchmarks and the notebooks' code cells."""
+    from pathlib import Path
+
+    ruff = Path(sys.executable).with_name("ruff")
+    assert ruff.exists(), f"ruff is not installed next to {sys.executable}: pip install -e '.[dev]'"
+    out = subprocess.run([ruff, "check", "--no-cache", "--output-format", "concise", "."], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"ruff check found problems:\n{out.stdout}{out.stderr}"

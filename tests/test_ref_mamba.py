@@ -5,7 +5,6 @@ causal-conv1d needed; they print that they fall back), and `mambapy`'s parallel 
 Internal: sequential = parallel (any chunk size, with and without recomputation) = recurrent steps; cached
 decoding = full forward. Every comparison prints its max error; tolerances are for float32.
 """
-import math
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ Outputs, router logits and gradients must agree in float32; the load-balancing l
 equivalences: dropless dispatch = capacity dispatch without drops = the dense every-expert reference;
 the GPT with E = 1 is a dense SwiGLU model; each exercise check rejects a plausible wrong answer.
 """
-import math
 
 import pytest
 import torch
