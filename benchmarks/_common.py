@@ -122,19 +122,10 @@ def labkit_command() -> list[str]:
 
 
 def load_notebook(path, tags=("model",)) -> dict:
-    """``labkit.notebook.load`` into a module registered in ``sys.modules``; returns its namespace.
-
-    Work-around: labkit compiles cells with its own ``from __future__ import annotations`` inherited, so a
-    ``@dataclass`` in a cell sees string annotations and looks up ``sys.modules[cls.__module__]``, which fails for
-    labkit's default, unregistered namespace. A registered module makes dataclasses (and pickling) work.
-    """
-    import types
-
+    """A chapter's cells (``labkit.notebook.as_module``) in a module named ``benchmarks._notebook_<chapter>``;
+    returns its namespace."""
     import labkit.notebook
 
     nb = labkit.notebook.resolve(path)
     name = f"benchmarks._notebook_{re.sub(r'[^0-9a-zA-Z_]', '_', nb.stem)}"
-    module = types.ModuleType(name)
-    sys.modules[name] = module
-    labkit.notebook.load(nb, tags, module.__dict__)
-    return module.__dict__
+    return vars(labkit.notebook.as_module(nb, tags, name=name))

@@ -37,3 +37,11 @@ def backward_same(*outputs: torch.Tensor, generator: torch.Generator | None = No
     for out in outputs:
         (out * upstream).sum().backward()
     return upstream
+
+
+def report(name: str, got: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-4) -> float:
+    """Print the max abs error of ``got`` against ``expected``, assert they are close; return the error."""
+    err = (got - expected).abs().max().item()
+    print(f"{name}: max abs error {err:.2e} (|ref| max {expected.abs().max().item():.2e})")
+    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+    return err

@@ -6,13 +6,15 @@ Internal: sequential = parallel (any chunk size, with and without recomputation)
 decoding = full forward. Every comparison prints its max error; tolerances are for float32.
 """
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import labkit.notebook
 
-from .grads import backward_same, perturb_
+from .grads import backward_same, perturb_, report
 from .test_exercises import assert_wrong_answers_fail
 
 NB = "07_mamba"
@@ -36,11 +38,7 @@ def _our_config(ch, **overrides):
     return ch["MambaConfig"](**{**kw, **overrides})
 
 
-def _report(name, got, expected, atol=ATOL, rtol=RTOL):
-    err = (got - expected).abs().max().item()
-    print(f"{name}: max abs error {err:.2e} (|ref| max {expected.abs().max().item():.2e})")
-    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
-    return err
+_report = partial(report, atol=ATOL, rtol=RTOL)   # print the max error, assert closeness
 
 
 # --------------------------------------------------------------------------- the block vs transformers

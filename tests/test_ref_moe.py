@@ -9,12 +9,15 @@ equivalences: dropless dispatch = capacity dispatch without drops = the dense ev
 the GPT with E = 1 is a dense SwiGLU model; each exercise check rejects a plausible wrong answer.
 """
 
+from functools import partial
+
 import pytest
 import torch
 
 from labkit import notebook
 
 from .conftest import ROOT
+from .grads import report
 from .test_exercises import assert_wrong_answers_fail
 
 NB = ROOT / "notebooks" / "06_moe.ipynb"
@@ -27,11 +30,7 @@ def ns():
     return notebook.load(NB)
 
 
-def _report(name, got, expected, atol=ATOL, rtol=RTOL):
-    err = (got - expected).abs().max().item()
-    print(f"  {name:28s} max abs error {err:.2e} (max |ref| {expected.abs().max().item():.2e})")
-    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
-    return err
+_report = partial(report, atol=ATOL, rtol=RTOL)   # print the max error, assert closeness
 
 
 def _pair(ns, C=32, I=48, E=8, k=2, seed=0, capacity_factor=None):

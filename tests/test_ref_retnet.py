@@ -12,6 +12,7 @@ outputs and gradients; prompt + recurrent decoding = parallel forward. Every com
 """
 import sys
 import types
+from functools import partial
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 import labkit.notebook
 
+from .grads import report
 from .test_exercises import assert_wrong_answers_fail
 
 NB = "09_retnet"
@@ -64,11 +66,7 @@ def torchscale():
                 sys.modules[n] = mod
 
 
-def _report(name, got, expected, atol=ATOL, rtol=RTOL):
-    err = (got - expected).abs().max().item()
-    print(f"{name}: max abs error {err:.2e} (|ref| max {expected.abs().max().item():.2e})")
-    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
-    return err
+_report = partial(report, atol=ATOL, rtol=RTOL)   # print the max error, assert closeness
 
 
 def _ours(ch, seed=0, **overrides):

@@ -6,12 +6,14 @@ copied into it with `load_state_dict(strict=True)`: the parameter names are the 
 Internal: the sequential, parallel (T×T) and chunked WKV forms agree (values, states, gradients, huge keys);
 RNN mode = full forward. Every comparison prints its max error; tolerances are for float32.
 """
+from functools import partial
+
 import pytest
 import torch
 
 import labkit.notebook
 
-from .grads import backward_same
+from .grads import backward_same, report
 from .test_exercises import assert_wrong_answers_fail
 
 NB = "08_rwkv"
@@ -23,11 +25,7 @@ def ch():
     return labkit.notebook.load(NB, ("model", "bench"))
 
 
-def _report(name, got, expected, atol=ATOL, rtol=RTOL):
-    err = (got - expected).abs().max().item()
-    print(f"{name}: max abs error {err:.2e} (|ref| max {expected.abs().max().item():.2e})")
-    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
-    return err
+_report = partial(report, atol=ATOL, rtol=RTOL)   # print the max error, assert closeness
 
 
 def _our_model(ch, seed=0, scale=0.3, **overrides):
