@@ -9,7 +9,6 @@ through ``transformers``. Offline, they stop with :class:`DataUnavailable`, whic
 """
 from __future__ import annotations
 
-import math
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -255,7 +254,3 @@ def shapes(n: int, image_size: int = 32, generator: torch.Generator | None = Non
     names = list(SHAPE_COLORS)
     captions = [f"a {SHAPE_SIZES[b]} {names[c]} {SHAPE_KINDS[k]}" for c, k, b in zip(color.tolist(), kind.tolist(), big.tolist())]
     return images * 2 - 1, captions, {"color": color, "kind": kind, "size": big}
-
-
-def batches_per_epoch(n_items: int, batch_size: int) -> int:
-    return math.ceil(n_items / batch_size)

@@ -7,7 +7,7 @@ instead of copying code::
     GPT, GPTConfig = ns["GPT"], ns["GPTConfig"]
     ns = labkit.notebook.load("01_mingpt.ipynb", tags=("model", "vram"))
 
-Conventions (documented in DESIGN.md):
+Conventions (the full table of cell tags is in CONTRIBUTING.md):
 - `model`    cells define the model; they must run on their own, top to bottom (imports included).
 - `vram`     a cell defining ``vram_job() -> labkit.vram.TrainJob`` for the FULL config.
 - `exercise` a cell whose top-level functions/classes are the solution; ``strip`` replaces their bodies.
