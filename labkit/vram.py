@@ -385,10 +385,11 @@ def _trace(job: TrainJob) -> tuple[str, dict[str, int]]:
     return job.name or type(model).__name__, traced
 
 
-def estimate(job: TrainJob, budget_gb: float = 12.0) -> VramReport:
+def estimate(job: TrainJob, budget_gb: float = 12.0, world_size: int = 1, strategy: str | None = None) -> VramReport:
     """Estimate the peak GPU memory of one training step of ``job`` at full size, on any machine.
 
     ``budget_gb`` is read in GiB (see the module docstring): 12.0 -> 12 * 2**30 bytes.
+    ``strategy`` ("ddp" / "fsdp", with ``world_size`` GPUs): the peak on each GPU, see :func:`per_gpu`.
     Global state (default device and dtype, grad mode, autocast) is restored even when the job raises.
     """
     device, dtype, grad = torch.get_default_device(), torch.get_default_dtype(), torch.is_grad_enabled()
@@ -408,11 +409,92 @@ def estimate(job: TrainJob, budget_gb: float = 12.0) -> VramReport:
         torch.set_grad_enabled(grad)
         torch.set_autocast_enabled("cpu", autocast[0])
         torch.set_autocast_dtype("cpu", autocast[1])
+    report = _with_gpu_lines(name, breakdown, int(budget_gb * GiB), job.notes)
+    return report if strategy is None else per_gpu(report, job, world_size, strategy)
+
+
+def _with_gpu_lines(name: str, traced: dict[str, int], budget_bytes: int, notes: str) -> VramReport:
+    breakdown = {k: v for k, v in traced.items() if k not in ("cuda_context", "allocator_overhead")}
     traced_peak = sum(breakdown.values())
     breakdown["cuda_context"] = CUDA_CONTEXT_BYTES
     breakdown["allocator_overhead"] = int(ALLOCATOR_OVERHEAD * traced_peak)
     return VramReport(name=name, breakdown=breakdown, peak_bytes=sum(breakdown.values()),
-                      budget_bytes=int(budget_gb * GiB), notes=job.notes)
+                      budget_bytes=budget_bytes, notes=notes)
+
+
+# ---------------------------------------------------------------- more than one GPU (labkit.distributed)
+@dataclass
+class ModelSizes:
+    """What sharding and communication depend on, counted on the meta device (free at any size)."""
+    param_bytes: int            # every parameter (frozen ones too), as stored
+    param_numel: int
+    trainable_bytes: int        # = the gradients' bytes (a gradient has its parameter's dtype)
+    trainable_numel: int
+    largest_group_numel: int    # the biggest FSDP unit: one block, or the root (embeddings, head, final norm)
+    largest_group_trainable: int
+
+    @classmethod
+    def of(cls, job: TrainJob) -> "ModelSizes":
+        from labkit.distributed import blocks
+
+        with torch.device("meta"):
+            model = _call("make_model", job.make_model)
+        params = list(model.parameters())  # tied weights once
+        in_block = [list(b.parameters()) for b in blocks(model)]
+        seen = {id(p) for group in in_block for p in group}
+        groups = in_block + [[p for p in params if id(p) not in seen]]
+        return cls(param_bytes=sum(p.numel() * p.element_size() for p in params),
+                   param_numel=sum(p.numel() for p in params),
+                   trainable_bytes=sum(p.numel() * p.element_size() for p in params if p.requires_grad),
+                   trainable_numel=sum(p.numel() for p in params if p.requires_grad),
+                   largest_group_numel=max(sum(p.numel() for p in g) for g in groups),
+                   largest_group_trainable=max(sum(p.numel() for p in g if p.requires_grad) for g in groups))
+
+
+def per_gpu(report: VramReport, job: TrainJob, world_size: int, strategy: str,
+            sizes: ModelSizes | None = None) -> VramReport:
+    """The peak on each of ``world_size`` GPUs under labkit's DDP or FSDP2 (see labkit.distributed), from a
+    one-GPU report of the same micro-batch (the global batch is spread as fewer micro-batches per GPU).
+
+    ``ddp``: nothing is sharded. The gradients live in DDP's buckets (``gradient_as_bucket_view``) from the
+    first step on, so ``comm_buckets`` adds whatever gradient bytes the traced peak did not already hold.
+    ``fsdp``: parameters, gradients and optimizer state are split N ways; ``comm_buckets`` adds the unsharded
+    working set: two FSDP units' weights in the compute dtype (the one running and the one prefetched) and two
+    units' fp32 gradients (the one being reduce-scattered and the next one being made).
+    Not counted: NCCL's own buffers (outside torch's allocator, tens to hundreds of MiB; not measured here), and
+    under FSDP the autocast copies of the weights that the trace holds as activations (an upper bound).
+    """
+    if strategy not in ("ddp", "fsdp"):
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp' (got {strategy!r})")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1 (got {world_size})")
+    sizes = sizes or ModelSizes.of(job)
+    traced = {k: v for k, v in report.breakdown.items() if k not in ("cuda_context", "allocator_overhead")}
+    if strategy == "ddp":
+        traced["comm_buckets"] = max(0, sizes.trainable_bytes - traced["grads"])
+    else:
+        for cat in ("params", "grads", "optimizer"):
+            traced[cat] = -(-traced[cat] // world_size)
+        compute_bytes = job.amp_dtype.itemsize if job.amp_dtype is not None else 4
+        traced["comm_buckets"] = 2 * sizes.largest_group_numel * compute_bytes + 2 * sizes.largest_group_trainable * 4
+    name = f"{report.name} ({strategy.upper()} x{world_size}, per GPU)"
+    return _with_gpu_lines(name, traced, report.budget_bytes, report.notes)
+
+
+def traffic_bytes(sizes: ModelSizes, world_size: int, strategy: str, micro_batches_per_gpu: int = 1,
+                  compute_dtype: torch.dtype | None = torch.bfloat16) -> int:
+    """Bytes each GPU sends per optimizer step (ring collectives: a GPU sends (N-1)/N of the data per
+    all-gather or reduce-scatter, twice that per all-reduce).
+
+    ``ddp``: one all-reduce of the gradients as they are (fp32) per step (``no_sync`` on the other micro-batches).
+    ``fsdp``: per micro-batch, the weights are all-gathered twice in the compute dtype (forward, and again in
+    backward since they were freed after the forward) and the fp32 gradients reduce-scattered once."""
+    share = (world_size - 1) / world_size
+    if strategy == "ddp":
+        return int(2 * share * sizes.trainable_bytes)
+    compute_bytes = compute_dtype.itemsize if compute_dtype is not None else 4
+    per_micro_batch = share * (2 * sizes.param_numel * compute_bytes + 4 * sizes.trainable_numel)
+    return int(micro_batches_per_gpu * per_micro_batch)
 
 
 # ---------------------------------------------------------------- the live meter

@@ -50,8 +50,8 @@ class TinyGPT(nn.Module):
 
     def forward(self, x, y):
         t = x.shape[1]
-        h = self.wte(x) + self.wpe(torch.arange(t))
-        mask = nn.Transformer.generate_square_subsequent_mask(t)
+        h = self.wte(x) + self.wpe(torch.arange(t, device=x.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=x.device)
         for block in self.h:
             h = block(h, src_mask=mask, is_causal=True)
         logits = self.head(self.ln_f(h))
@@ -207,6 +207,20 @@ def test_missing_nccl_is_explained(torchrun_env, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(RuntimeError, match="sees 1 GPU"):
         distributed.setup(torch.device("cuda"), "ddp", grad_accum=2)
+
+
+def test_vram_per_gpu_shards_the_state_under_fsdp_only():
+    from labkit.vram import TrainJob, estimate
+
+    job = TrainJob(make_model=TinyGPT, make_batch=lambda: (torch.randint(VOCAB, (BATCH, SEQ)),) * 2,
+                   loss_fn=lambda m, b: m(*b)[1], amp_dtype=None)
+    one, ddp, fsdp = (estimate(job, world_size=4, strategy=s) if s else estimate(job) for s in (None, "ddp", "fsdp"))
+    assert ddp.breakdown["params"] == one.breakdown["params"] and ddp.peak_bytes >= one.peak_bytes
+    for cat in ("params", "grads", "optimizer"):
+        assert fsdp.breakdown[cat] == -(-one.breakdown[cat] // 4)
+    assert fsdp.breakdown["comm_buckets"] > 0
+    with pytest.raises(ValueError, match="strategy must be"):
+        estimate(job, world_size=2, strategy="zero")
 
 
 def test_bad_strategy_is_a_clear_error():
