@@ -1,0 +1,164 @@
+"""Chapter 12 (the speedrun) against independent references and invariants.
+
+The chapter's model is loaded from the notebook's `model` cells. Muon against torch.optim.Muon and its
+orthogonalisation against an SVD in float64; rotary against transformers' Llama rotary embedding and the
+relative-position invariance of the scores; QK-norm against transformers' Qwen3RMSNorm; ReLU² against
+transformers' ReLUSquaredActivation; all switches off = chapter 02's GPT; zero-init gives loss ln V; causality.
+Each exercise check rejects a plausible wrong answer.
+"""
+import math
+
+import pytest
+import torch
+
+from labkit import notebook
+
+from .conftest import ROOT
+from .test_exercises import assert_wrong_answers_fail
+
+NB = ROOT / "notebooks" / "12_speedrun.ipynb"
+transformers = pytest.importorskip("transformers")
+
+WRONG_ANSWERS = {
+    0: "def softcap_grad(z, cap):\n    return 1 - torch.tanh(z) ** 2\n",
+    1: ("def rotary_complex(x, angles):\n"
+        "    z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())\n"
+        "    z = z * torch.polar(torch.ones_like(angles), angles)\n"
+        "    return torch.view_as_real(z).flatten(-2)\n"),
+    2: ("def wsd_sqrt_multiplier(step, max_steps, cooldown_frac=0.4):\n"
+        "    start = max_steps * (1 - cooldown_frac)\n"
+        "    if step < start:\n        return 1.0\n"
+        "    return math.sqrt(max(0.0, (max_steps - step) / (max_steps - start)))\n"),
+    3: ("def newton_schulz_cubic(G, steps=30):\n    X = G / G.norm()\n"   # the tuned quintic: never exactly U Vᵀ
+        "    for _ in range(steps):\n        A = X @ X.T\n"
+        "        X = 3.4445 * X + (-4.775 * A + 2.0315 * A @ A) @ X\n    return X\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def ns():
+    return notebook.load(NB)
+
+
+def test_muon_matches_torch_optim_muon(ns):
+    g = torch.Generator().manual_seed(1)
+    for shape in [(40, 12), (12, 40), (24, 24)]:
+        w0 = torch.randn(*shape, generator=g)
+        grads = [torch.randn(*shape, generator=g) for _ in range(6)]
+        for nesterov in (True, False):
+            a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+            ours = ns["Muon"]([a], lr=0.03, weight_decay=0.05, momentum=0.9, nesterov=nesterov)
+            ref = torch.optim.Muon([b], lr=0.03, weight_decay=0.05, momentum=0.9, nesterov=nesterov)
+            for gr in grads:
+                a.grad, b.grad = gr.clone(), gr.clone()
+                ours.step()
+                ref.step()
+            err = (a - b).abs().max().item()
+            print(f"\n{shape} nesterov={nesterov}: max |ours - torch.optim.Muon| {err:.1e}")
+            assert err < 1e-6
+
+
+def test_newton_schulz_against_svd_float64(ns):
+    g = torch.Generator().manual_seed(2)
+    for shape in [(32, 80), (100, 20)]:
+        G = torch.randn(*shape, generator=g, dtype=torch.float64)
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        O = ns["newton_schulz"](G, dtype=torch.float64)
+        D = U.T @ O @ Vh.T
+        off = (D - torch.diag(torch.diag(D))).abs().max().item()
+        sv = torch.diag(D)
+        print(f"\n{shape}: off-diagonal {off:.1e}, singular values [{sv.min():.3f}, {sv.max():.3f}]")
+        assert off < 1e-10 and sv.min() > 0.6 and sv.max() < 1.25
+        # a wrong coefficient set does not land in the band
+        bad = ns["newton_schulz"](G, coefficients=(1.0, 0.0, 0.0), dtype=torch.float64)
+        assert torch.linalg.svdvals(bad).max() < 0.6
+
+
+def test_rotary_matches_transformers_llama(ns):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    d, T = 16, 24
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=T, rope_theta=10000.0)
+    rope = LlamaRotaryEmbedding(cfg)
+    q, k = torch.randn(2, 4, T, d), torch.randn(2, 4, T, d)
+    cos_hf, sin_hf = rope(q, torch.arange(T)[None])
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos_hf, sin_hf)
+    cos, sin = ns["rotary_cos_sin"](T, d)
+    err = max((ns["apply_rotary"](q, cos, sin) - q_hf).abs().max().item(),
+              (ns["apply_rotary"](k, cos, sin) - k_hf).abs().max().item())
+    print(f"\nmax |ours - transformers' rotary| {err:.1e}")
+    assert err < 1e-5
+
+
+def test_rotary_scores_depend_on_relative_position_only(ns):
+    d, T = 32, 64
+    cos, sin = ns["rotary_cos_sin"](T, d)
+    q, k = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    rot = ns["apply_rotary"]
+
+    def score(t, s):
+        return (rot(q, cos[t].double(), sin[t].double()) @ rot(k, cos[s].double(), sin[s].double())).item()
+
+    for t, s, shift in [(3, 1, 10), (40, 0, 23), (7, 7, 50)]:
+        assert abs(score(t, s) - score(t + shift, s + shift)) < 1e-4
+    assert abs(score(3, 1) - score(3, 2)) > 1e-3
+
+
+def test_qk_norm_and_relu2_match_transformers(ns):
+    from transformers.activations import ACT2FN
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    cfg = ns["SpeedConfig"].preset("tiny", vocab_size=50, qk_norm=True, relu2=True)
+    x = torch.randn(3, 16, cfg.n_embd)
+    mlp = ns["SpeedMLP"](cfg)
+    ref = mlp.c_proj(ACT2FN["relu2"](mlp.c_fc(x)))
+    assert (mlp(x) - ref).abs().max().item() < 1e-6
+    h = torch.randn(2, 4, 16, 32)
+    norm = Qwen3RMSNorm(32, eps=torch.finfo(torch.float32).eps)
+    err = (torch.nn.functional.rms_norm(h, (32,)) - norm(h)).abs().max().item()
+    print(f"\nQK-norm vs Qwen3RMSNorm: {err:.1e}")
+    assert err < 1e-5
+
+
+def test_switches_off_is_chapter02_gpt_and_zero_init_is_uniform(ns):
+    cfg = ns["SpeedConfig"].preset("tiny", vocab_size=60)
+    torch.manual_seed(0)
+    ours, theirs = ns["SpeedGPT"](cfg).eval(), ns["GPT"](cfg).eval()
+    theirs.load_state_dict(ours.state_dict())
+    idx = torch.randint(60, (2, 64))
+    assert (ours(idx)[0] - theirs(idx)[0]).abs().max().item() < 1e-6
+    from dataclasses import replace
+    full = replace(cfg, rotary=True, qk_norm=True, relu2=True, zero_init=True, untied=True, softcap=15.0,
+                   value_embeds=True, skips=True)
+    m = ns["SpeedGPT"](full)
+    assert abs(m(idx, idx)[1].item() - math.log(60)) < 1e-5
+    assert m.lm_head.weight is not m.transformer.wte.weight
+
+
+def test_every_switch_stays_causal_and_softcap_bounds(ns):
+    from dataclasses import replace
+    cfg = replace(ns["SpeedConfig"].preset("tiny", vocab_size=40), rotary=True, qk_norm=True, relu2=True,
+                  untied=True, softcap=5.0, value_embeds=True, skips=True)
+    torch.manual_seed(1)
+    m = ns["SpeedGPT"](cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    idx = torch.randint(40, (2, 32))
+    idx2 = idx.clone()
+    idx2[:, -1] = (idx2[:, -1] + 1) % 40
+    a, b = m(idx)[0], m(idx2)[0]
+    assert torch.allclose(a[:, :-1], b[:, :-1], atol=1e-5)
+    assert a.abs().max().item() < 5.0
+
+
+def test_wsd_multiplier(ns):
+    w = ns["wsd_multiplier"]
+    assert [w(s, 100, 0, 0.4) for s in (0, 59)] == [1.0, 1.0]
+    assert abs(w(80, 100, 0, 0.4) - 0.5) < 1e-12 and w(100, 100, 0, 0.4) == 0.0
+    assert abs(w(4, 100, 10, 0.4) - 0.5) < 1e-12
+
+
+def test_wrong_answers_are_caught():
+    assert_wrong_answers_fail(NB, WRONG_ANSWERS)
