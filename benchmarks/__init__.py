@@ -39,4 +39,7 @@ KERNELS = {
                        {"lengths": (64, 256, 1024)}),
     "retnet_forms": Kernel("09_retnet", "benchmark_retention", "RetNet: parallel vs chunkwise vs recurrent retention, decode cost per token",
                            {"lengths": (256, 1024, 4096)}),
+    "speedrun": Kernel("12_speedrun", "benchmark_speedrun",
+                       "speedrun: chapter 02's tiny recipe vs the chapter's final recipe, time to the same val loss",
+                       {"repeats": 2}),
 }
