@@ -40,12 +40,51 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def native_bf16(dev: torch.device | str | None = None) -> bool:
+    """Does this CUDA GPU compute in bf16 natively (compute capability 8.0+: Ampere, Ada, Hopper)?
+
+    ``torch.cuda.is_bf16_supported()`` is also true on older cards (a T4 is 7.5), where bf16 is emulated
+    and slow: those train in fp16 with a GradScaler instead."""
+    dev = torch.device(dev) if dev is not None else device()
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0)
+
+
 def amp_dtype(dev: torch.device | str | None = None) -> torch.dtype | None:
-    """The autocast dtype for training: bf16 where the device supports it, else None (fp32)."""
+    """The autocast dtype for training: bf16 on GPUs with native bf16, fp16 (the Trainer adds a GradScaler) on
+    older CUDA GPUs, None (fp32) elsewhere."""
     dev = torch.device(dev) if dev is not None else device()
     if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(dev) else torch.float16
     return None  # CPU/MPS: fp32 keeps the tiny runs exact and deterministic
+
+
+def compile_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """``model`` compiled in place with ``torch.compile`` (same object, same state_dict keys), or left eager with
+    one line saying why where compiling is unavailable (Windows without a compiler, some MPS builds): the
+    result is the same, only slower. A compile failure shows at the first call, so that call falls back too."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        print(f"torch.compile is not supported here (Python {platform.python_version()}, {platform.system()}): "
+              "running eagerly, same results, slower")
+        return model
+    model.compile(**kwargs)
+    compiled = model._compiled_call_impl
+
+    def first_call(*args, **kw):
+        try:
+            out = compiled(*args, **kw)
+        except Exception as e:  # a real bug in the model raises again below, eagerly
+            model._compiled_call_impl = None
+            e = getattr(e, "inner_exception", None) or e   # dynamo wraps the backend's error: say what went wrong
+            first_line = (str(e).strip().splitlines() or [""])[0][:160]
+            print(f"torch.compile failed here ({type(e).__name__}: {first_line}): running eagerly, same results, slower")
+            return model(*args, **kw)
+        model._compiled_call_impl = compiled
+        return out
+
+    model._compiled_call_impl = first_call
+    return model
 
 
 def seed_everything(seed: int = 1337) -> torch.Generator:
@@ -85,7 +124,8 @@ def doctor() -> dict:
         report.update(
             gpu=props.name,
             vram_gib=round(props.total_memory / 1024**3, 2),
-            bf16=torch.cuda.is_bf16_supported(),
+            bf16=native_bf16(dev),                  # else fp16 + GradScaler (bf16 would be emulated)
+            amp=str(amp_dtype(dev)).removeprefix("torch."),
             peak_tflops=(peak_flops(dev) or 0) / 1e12 or None,
         )
         report["advice"] = (
