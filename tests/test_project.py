@@ -120,3 +120,52 @@ def test_ruff_check_is_clean():
     out = subprocess.run([ruff, "check", "--no-cache", "--output-format", "concise", "."], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"ruff check found problems:\n{out.stdout}{out.stderr}"
+
+
+def _chapter_imports() -> dict[str, set[str]]:
+    """Top-level modules the chapters' code cells import -> the chapters importing them. An import guarded by
+    ``try: ... except ImportError`` is optional and not counted."""
+    import ast
+    import sys
+
+    from labkit.notebook import _clean
+
+    found: dict[str, set[str]] = {}
+    for nb_path in NOTEBOOKS:
+        for c in json.loads(nb_path.read_text())["cells"]:
+            if c["cell_type"] != "code":
+                continue
+            tree = ast.parse(_clean("".join(c["source"])))
+            optional = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Try) and any(
+                        isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                        for h in node.handlers):
+                    optional |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+            for node in ast.walk(tree):
+                if id(node) in optional:
+                    continue
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top != "labkit":
+                        found.setdefault(top, set()).add(nb_path.stem)
+    return found
+
+
+def test_the_full_extra_names_every_package_the_chapters_import():
+    """`pip install .[full]` (the core dependencies plus [full]) must be enough to run every chapter at every size."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def dist(req: str) -> str:
+        return re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower()
+
+    installed = {dist(r) for r in project["dependencies"] + project["optional-dependencies"]["full"]}
+    module_to_dist = {"PIL": "pillow", "yaml": "pyyaml"}
+    missing = {m: sorted(chapters) for m, chapters in _chapter_imports().items()
+               if module_to_dist.get(m, m).lower() not in installed}
+    assert not missing, f"chapters import packages that neither the dependencies nor [full] name: {missing}"
