@@ -116,3 +116,105 @@ def run(name: str, fn: Callable[[], Any]) -> Any:
         return fn()
     except NotImplementedError as e:
         raise ExerciseError(f"{name} is not written yet: {e}") from None
+
+
+# --- a learner's whole copy: `labkit check NOTEBOOK` ------------------------------------------------
+
+# Cells a check needs (CONTRIBUTING.md: a `check` needs only the `model` cells and its exercise).
+QUICK_TAGS = {"colab", "parameters", "model", "exercise", "check"}
+
+
+def _error_of(cell) -> dict | None:
+    return next((o for o in cell.get("outputs", []) if o.get("output_type") == "error"), None)
+
+
+def _verdict(exercise_cell, check_cell) -> tuple[str, str]:
+    """(status, message) of one exercise from its two executed cells."""
+    if check_cell.get("execution_count") is None:
+        return "not run", "the notebook stopped before this check (see the failing cell below)"
+    err = _error_of(exercise_cell)
+    if err is not None:
+        return "wrong", f"your exercise cell raised {err['ename']}: {err['evalue']}"
+    err = _error_of(check_cell)
+    if err is None:
+        return "passed", ""
+    if err["ename"] == "NotImplementedError" or "not written yet" in err["evalue"]:
+        return "not attempted", "still the stub (raise NotImplementedError)"
+    return "wrong", err["evalue"] if err["ename"] == "ExerciseError" else f"{err['ename']}: {err['evalue']}"
+
+
+def check_notebook(path, *, quick: bool = False, timeout: int = 900, size: str = "tiny") -> dict:
+    """Run a learner's copy of a chapter at ``size`` in a fresh kernel, the way nbval does (every cell, errors
+    recorded, the run goes on), and report each exercise: passed / not attempted / wrong (the check's message).
+    ``quick`` runs only the cells the checks need (``QUICK_TAGS``): seconds instead of the chapter's minute."""
+    import ast
+    import os
+    import time
+
+    import nbclient
+    import nbformat
+
+    from labkit.config import ENV_VAR
+    from labkit.notebook import resolve, tags_of
+
+    nb_path = resolve(path)
+    nb = nbformat.read(nb_path, as_version=4)
+    if quick:
+        nb.cells = [c for c in nb.cells if c.cell_type == "code" and QUICK_TAGS & set(tags_of(c))]
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    pairs = []
+    for i, c in enumerate(code):
+        if "exercise" in tags_of(c):
+            check = next((d for d in code[i + 1:] if "check" in tags_of(d)), None)
+            if check is not None:
+                pairs.append((c, check))
+    if not pairs:
+        raise LookupError(f"{nb_path.name} has no exercise cells (tagged `exercise`, each followed by a `check`)")
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = size                 # the kernel inherits it
+    client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=True,
+                                     resources={"metadata": {"path": str(nb_path.parent)}})
+    t0 = time.perf_counter()
+    stopped = ""
+    try:
+        client.execute()
+    except Exception as e:  # a timeout or a dead kernel: what ran is still reported
+        stopped = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
+    results = []
+    for ex, ck in pairs:
+        try:
+            names = [n.name for n in ast.parse(ex.source).body
+                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        except SyntaxError:
+            names = []
+        status, message = _verdict(ex, ck)
+        results.append({"exercise": ", ".join(names) or f"cell {code.index(ex)}", "status": status,
+                        "message": message})
+    in_pairs = {id(c) for pair in pairs for c in pair}
+    failures = [{"cell": i, "error": f"{e['ename']}: {e['evalue']}"} for i, c in enumerate(code)
+                if id(c) not in in_pairs and (e := _error_of(c)) is not None]
+    return {"notebook": nb_path.name, "size": size, "quick": quick, "seconds": round(time.perf_counter() - t0, 1),
+            "exercises": results, "other_failures": failures, "stopped": stopped}
+
+
+def format_report(report: dict) -> str:
+    scope = " (quick: the model, exercise and check cells only)" if report["quick"] else ""
+    lines = [f"{report['notebook']} at the {report['size']} size{scope}, {report['seconds']:.0f} s:"]
+    width = max(len(r["exercise"]) for r in report["exercises"])
+    for i, r in enumerate(report["exercises"], 1):
+        mark = {"passed": "✓", "not attempted": "·"}.get(r["status"], "✗")
+        first, *rest = (r["message"] or "").splitlines() or [""]
+        lines.append(f"  {mark} {i}. {r['exercise']:<{width}}  {r['status']}" + (f": {first}" if first else ""))
+        lines += [f"{' ' * (width + 9)}{line}" for line in rest[:8]]
+    for f in report["other_failures"]:
+        lines.append(f"  ! code cell {f['cell']} (not an exercise) failed: {f['error'].splitlines()[0][:300]}")
+    if report["stopped"]:
+        lines.append(f"  ! the run stopped: {report['stopped']}")
+    counts = {s: sum(r["status"] == s for r in report["exercises"]) for s in ("passed", "not attempted", "wrong", "not run")}
+    lines.append(f"{len(report['exercises'])} exercises: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return "\n".join(lines)

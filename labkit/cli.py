@@ -8,6 +8,9 @@
                                                   estimate the chapter's training peak (per GPU); exit 0 if
                                                   it fits, 1 if it does not, 2 on an error
   labkit strip NOTEBOOK [-o OUT]                  learner copy: exercise solutions become stubs
+  labkit check NOTEBOOK [--quick] [--json]        run your copy at the tiny size: each exercise passed /
+                                                  not attempted / wrong (with the check's message); exit 0
+                                                  only when every exercise passed
 """
 from __future__ import annotations
 
@@ -124,6 +127,14 @@ def cmd_strip(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from labkit.check import check_notebook, format_report
+
+    report = check_notebook(args.notebook, quick=args.quick, timeout=args.timeout)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if all(r["status"] == "passed" for r in report["exercises"]) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="labkit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("notebook")
     p.add_argument("-o", "--out")
     p.set_defaults(fn=cmd_strip)
+    p = sub.add_parser("check", help="check the exercises of your copy of a chapter (runs it at the tiny size)")
+    p.add_argument("notebook")
+    p.add_argument("--quick", action="store_true", help="run only the model, exercise and check cells")
+    p.add_argument("--timeout", type=int, default=900, help="per-cell timeout in seconds")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_check)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
