@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -31,9 +32,13 @@ CHAPTER = next(nb for nb in NOTEBOOKS if nb.name.startswith("04_"))     # LoRA l
 def fresh(tmp_path_factory):
     """A fresh venv with labkit from a wheel, and a Jupyter kernel spec that runs it."""
     tmp = tmp_path_factory.mktemp("newcomer")
+    src = tmp / "src"                     # built from a copy: setuptools writes build/ beside the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "labkit"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, src / name)
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp / "dist"),
-                    str(ROOT)], check=True, capture_output=True, text=True)
+                    str(src)], check=True, capture_output=True, text=True)
     wheel = next((tmp / "dist").glob("labkit-*.whl"))
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
