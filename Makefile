@@ -24,7 +24,7 @@ endif
 	$(PY) -m pip install -q --no-deps "torchscale==0.3.0"
 	touch $(STAMP)
 
-book: $(STAMP)
+book: $(STAMP) exercises
 	$(VENV)/bin/jupyter-book build . -W --keep-going
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 

@@ -169,3 +169,49 @@ def test_the_full_extra_names_every_package_the_chapters_import():
     missing = {m: sorted(chapters) for m, chapters in _chapter_imports().items()
                if module_to_dist.get(m, m).lower() not in installed}
     assert not missing, f"chapters import packages that neither the dependencies nor [full] name: {missing}"
+
+
+WORKFLOWS = ROOT / ".github" / "workflows"
+
+
+def test_the_workflows_pass_actionlint_and_build_what_the_readme_says(tmp_path):
+    """The GitHub workflows: `make book` published on Pages, `.ci/run` on every change; actionlint finds no
+    problem in them, and does find one in a broken copy (so the check can fail)."""
+    from pathlib import Path
+
+    actionlint = Path(sys.executable).with_name("actionlint")
+    assert actionlint.exists(), f"actionlint is not installed next to {sys.executable}: pip install -e '.[dev]'"
+    files = sorted(WORKFLOWS.glob("*.yml"))
+    assert {f.name for f in files} >= {"book.yml", "tests.yml"}
+    out = subprocess.run([actionlint, "-color=false", *files], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"actionlint found problems:\n{out.stdout}{out.stderr}"
+    book = yaml.safe_load((WORKFLOWS / "book.yml").read_text())
+    steps = [s for job in book["jobs"].values() for s in job["steps"]]
+    assert any(s.get("run") == "make book" for s in steps)
+    assert any(s.get("with", {}).get("path") == "_build/html" for s in steps if "upload-pages" in s.get("uses", ""))
+    assert any("deploy-pages" in s.get("uses", "") for s in steps)
+    tests = yaml.safe_load((WORKFLOWS / "tests.yml").read_text())
+    assert [s.get("run") for job in tests["jobs"].values() for s in job["steps"] if s.get("run")] == ["bash .ci/run"]
+    bad = tmp_path / ".github" / "workflows"
+    bad.mkdir(parents=True)
+    (bad / "book.yml").write_text((WORKFLOWS / "book.yml").read_text().replace("runs-on:", "runs_on:"))
+    out = subprocess.run([actionlint, "-color=false", bad / "book.yml"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and "runs_on" in out.stdout, out.stdout
+
+
+def test_binder_installs_what_make_install_does():
+    """The Binder launch button builds from binder/: the Makefile's torch pin (as the CPU build), the dev extra and
+    torchscale without its dependencies, as `make install` does."""
+    import os
+
+    post = ROOT / "binder" / "postBuild"
+    assert os.access(post, os.X_OK), "binder/postBuild must be executable"
+    script, make = post.read_text(), (ROOT / "Makefile").read_text()
+    pin = re.search(r'TORCH_CPU \?= (\S+)', make).group(1)
+    assert f'"{pin}" --index-url https://download.pytorch.org/whl/cpu' in script
+    assert 'pip install --no-cache-dir -e ".[dev]"' in script
+    torchscale = re.search(r'--no-deps "(torchscale==[^"]+)"', make).group(1)
+    assert f'--no-deps "{torchscale}"' in script
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["launch_buttons"]["binderhub_url"] and config["launch_buttons"]["colab_url"]
