@@ -215,3 +215,25 @@ def test_binder_installs_what_make_install_does():
     assert f'--no-deps "{torchscale}"' in script
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     assert config["launch_buttons"]["binderhub_url"] and config["launch_buttons"]["colab_url"]
+
+
+def test_every_page_shows_the_same_commands_and_the_configured_clone_url():
+    """One repository URL (_config.yml) in every clone command; the same short commands on the README, the intro
+    and the set-up page; the chapters point to them, never to a bare `jupyter lab` or a pip install of the repo."""
+    from labkit.notebook import read, repo_url
+
+    url = repo_url()
+    folder = url.rstrip("/").rsplit("/", 1)[-1]
+    pages = {p: p.read_text() for p in (ROOT / "README.md", ROOT / "book" / "intro.md", ROOT / "book" / "setup.md")}
+    for page, text in pages.items():
+        clones = re.findall(r"git clone (\S+) && cd (\S+)", text)
+        assert clones, f"{page.name} shows no `git clone URL && cd FOLDER`"
+        assert set(clones) == {(url, folder)}, f"{page.name}: {clones} is not {url} (the URL in _config.yml)"
+        for command in ("make lab", "LABKIT_SIZE=full make lab", "make exercises", "labkit check"):
+            assert command in text, f"{page.name} does not show `{command}`"
+        assert "jupyter lab" not in text and "git+" not in text, f"{page.name} shows another way to start"
+    for command in ("make book", "make test"):
+        assert command in pages[ROOT / "README.md"] and command in pages[ROOT / "book" / "setup.md"]
+    for nb in NOTEBOOKS:
+        prose = "\n".join(c.source for c in read(nb).cells if c.cell_type == "markdown")
+        assert "jupyter lab" not in prose and "git+" not in prose, f"{nb.name}: point to `make lab` instead"
