@@ -245,6 +245,56 @@ def test_full_data_code_on_local_files(tmp_path):
                                       shard_tokens=1000) == short
 
 
+
+@pytest.mark.parametrize("max_chars, val_fraction", [(None, 0.1), (2_000_000, 0.05)])
+def test_lm_corpus_tiny_is_the_chapters_data(max_chars, val_fraction):
+    """lm_corpus("tiny"), which chapters 02 and 05-09 load, gives exactly the tokens they built themselves before:
+    the standard library's characters (all of them, or the first 2M), the last val_fraction held out."""
+    from labkit.data import CharTokenizer, stdlib_text, train_val_split
+
+    corpus = notebook.load(NB, "data")["lm_corpus"]("tiny", max_chars=max_chars, val_fraction=val_fraction)
+    text = stdlib_text(max_chars=max_chars)
+    tok = CharTokenizer.from_text(text)
+    train, val = train_val_split(tok.encode(text), val_fraction=val_fraction)
+    assert torch.equal(corpus.train, train) and torch.equal(corpus.val, val)
+    assert corpus.vocab_size == tok.vocab_size and corpus.decode(corpus.train[:50]) == text[:50]
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    from labkit.data import random_windows
+
+    for a, b in zip(corpus.windows("val", 16, 4, g1), random_windows(val, 16, 4, g2)):
+        assert torch.equal(a, b)                       # the same batches as the chapters drew before
+    assert corpus.n_train_tokens == len(train)
+
+
+def test_lm_corpus_full_on_local_files(tmp_path):
+    """The full branch of lm_corpus on a local json-lines folder with a stand-in tokenizer: the first shard is
+    the validation set, the rest the training tokens; windows come from the memory-mapped shards."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "part.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} " + "xyz" * (i % 5 + 1)}) for i in range(300)))
+
+    class Bytes:                                       # the interface lm_corpus uses of a transformers tokenizer
+        eos_token_id, model_max_length = 0, 1024
+
+        def encode(self, s):
+            return [ord(c) for c in s]
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+        def __len__(self):
+            return 128
+
+    lm_corpus = notebook.load(NB, "data")["lm_corpus"]
+    corpus = lm_corpus("full", tokenizer=Bytes(), source=str(folder), shard_dir=tmp_path / "shards",
+                       n_train_tokens=1500, shard_tokens=1000)
+    assert [len(s) for s in corpus.val] == [1000] and [len(s) for s in corpus.train] == [1000, 500]
+    assert corpus.n_train_tokens == 1500 and corpus.vocab_size == 128 and corpus.decode(corpus.val[0][:5]) == "doc 0"
+    x, y = corpus.windows("train", 16, 4, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(ValueError, match="shard_dir"):
+        lm_corpus("full", tokenizer=Bytes(), source=str(folder))
+
 WRONG_ANSWERS = {
     # reshape keeps the shape right but scrambles the matrix (a transpose is not a reshape)
     0: '''
