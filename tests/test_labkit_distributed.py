@@ -184,6 +184,66 @@ def test_fsdp_two_ranks_then_resume_on_one(tmp_path, reference):
         make_trainer(ckpt=str(ckpt), dim=48).load()
 
 
+def test_an_interrupted_swap_resumes_from_the_old_folder(tmp_path, reference, capsys):
+    """A crash between the two renames of a save leaves NAME.old (the last good checkpoint) and maybe NAME.tmp:
+    the Trainer resumes from NAME.old, and the run continues exactly."""
+    from labkit import distributed
+
+    t = make_trainer()
+    t.fit(steps=HALF)
+    ckpt = tmp_path / "ckpt"
+    distributed.save(ckpt, t.model, t.optimizer, t.generator, t._counters(), None)
+    ckpt.rename(tmp_path / "ckpt.old")          # the crash: NAME moved aside, the new folder not yet renamed in
+    (tmp_path / "ckpt.tmp").mkdir()             # and a half-written temp folder
+    resumed = make_trainer(ckpt=str(ckpt))
+    resumed.fit()
+    assert f"at step {HALF}" in capsys.readouterr().out          # it resumed (a fresh start gives the same weights)
+    assert resumed.step == STEPS and ckpt.exists()                 # and saved its own checkpoint at the end
+    err = max_diff(full_weights(resumed), reference["final"])
+    print(f"resumed from NAME.old, then trained on: {err:.2e} from the uninterrupted run")
+    assert err < TOL
+
+
+CHAPTER_CELLS = [
+    ("parameters", "import labkit\nSIZE = labkit.size()"),
+    ("", "%matplotlib inline\nimport json, os\nimport torch\nfrom labkit.train import TrainConfig, Trainer\n"
+         "import test_labkit_distributed as t\n"
+         "cfg = TrainConfig(max_steps=4, lr=3e-3, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2,\n"
+         "                  progress=False, live_plot=False)\n"
+         "torch.manual_seed(0)\n"
+         "trainer = Trainer(t.TinyGPT(), t.get_batch, config=cfg, device='cpu',\n"
+         "                  eval_fn=lambda model: {'probe': float(sum(p.numel() for p in model.parameters()))})\n"
+         "trainer.fit()"),
+    ("", "print(f'RANK-LINE {os.environ.get(\"RANK\")} of {os.environ.get(\"WORLD_SIZE\")}')\n"
+         "if trainer.is_main:\n"
+         "    open('result.json', 'w').write(json.dumps(trainer.history))"),
+]
+
+
+def test_labkit_run_torchrun_runs_a_chapter_on_two_processes(tmp_path):
+    """`labkit run NOTEBOOK --torchrun 2`: the chapter exported as a script (magics commented out), run by torchrun
+    on 2 gloo ranks; only rank 0's output is shown; a chapter's eval_fn runs under torchrun too."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    nb = new_notebook(cells=[new_code_cell(src, metadata={"tags": [tag] if tag else []}) for tag, src in CHAPTER_CELLS])
+    path = tmp_path / "99_demo.ipynb"
+    nbformat.write(nb, path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE.parent)]))
+    env.pop("LABKIT_STRATEGY", None)
+    proc = subprocess.run([sys.executable, "-m", "labkit", "run", str(path), "--torchrun", "2",
+                           "--out", str(tmp_path / "99_demo.py")], capture_output=True, text=True, env=env,
+                          timeout=240, cwd=tmp_path)
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["processes"] == 2 and summary["ok"]
+    assert "RANK-LINE 0 of 2" in proc.stdout and "RANK-LINE 1" not in proc.stdout
+    assert "# %matplotlib inline" in (tmp_path / "99_demo.py").read_text()
+    history = json.loads((tmp_path / "result.json").read_text())
+    assert history[-1]["step"] == 4 and history[-1]["probe"] > 0 and "val_loss" in history[-1]
+
+
 # ---------------------------------------------------------------- errors a user meets (no torchrun needed)
 @pytest.fixture
 def torchrun_env(monkeypatch):
