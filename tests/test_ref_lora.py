@@ -290,6 +290,40 @@ def test_decoder_shapes_and_checkpointing(ns):
     assert err < 1e-5
 
 
+def test_estimate_by_depth_equals_a_full_trace(ns):
+    """The memory tools chapters 10 and 11 load: 1 + 2 traced blocks extrapolate to the full trace of a deeper model,
+    line by line, with and without checkpointing; a GPU measurement is shown only for the configuration it measured."""
+    from dataclasses import replace
+
+    import labkit.vram
+
+    def job(n_layer, ckpt):
+        config = replace(ns["DecoderConfig"].preset("tiny"), n_layer=n_layer, vocab_size=4096)
+
+        def make_model():
+            model = ns["QuantizedDecoder"](config, gradient_checkpointing=ckpt)
+            return ns["inject_lora"](model, ns["QWEN_LORA_TARGETS"], r=4, alpha=8)
+
+        def make_batch():
+            ids = torch.randint(config.vocab_size, (2, 65))
+            return ids[:, :-1], ids[:, 1:]
+
+        return labkit.vram.TrainJob(make_model=make_model, make_batch=make_batch, loss_fn=lambda m, b: m(*b)[1],
+                                    name=f"tiny decoder, {n_layer} layers")
+
+    for ckpt in (True, False):
+        full = labkit.vram.estimate(job(5, ckpt))
+        extrapolated = ns["estimate_by_depth"](lambda n: job(n, ckpt), 5)
+        diff = {k: extrapolated.breakdown[k] - v for k, v in full.breakdown.items()}
+        print(f"\ncheckpointing {ckpt}: extrapolated - traced, per line (bytes): {diff}")
+        assert all(abs(d) <= 8 for d in diff.values()) and full.breakdown["activations"] > 0
+    entry = json.loads((ROOT / "benchmarks" / "results" / "gpu_memory.json").read_text())["chapters"]["04_lora"]
+    same = labkit.vram.VramReport("x", {}, int(entry["estimate_gib"] * 2**30), 12 * 2**30, "")
+    other = labkit.vram.VramReport("x", {}, same.peak_bytes + 2**21, 12 * 2**30, "")
+    assert ns["measured_peak_gib"]("04_lora", same) == entry["measured_total_gib"]
+    assert ns["measured_peak_gib"]("04_lora", other) is None and ns["measured_peak_gib"]("99_none", same) is None
+
+
 def test_rope_matches_transformers_qwen2(ns):
     """Our rotary embedding is Qwen2's (half-split layout, θ = 1e6)."""
     from transformers.models.qwen2 import modeling_qwen2 as mq
