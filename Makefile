@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install book test test-fast lab exercises colab-cells clean
+.PHONY: install book test test-fast lab exercises chapter-cells clean
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -45,9 +45,10 @@ lab: $(STAMP)
 exercises: $(STAMP)
 	for nb in notebooks/[0-9][0-9]_*.ipynb; do case $$nb in *_exercises.ipynb) ;; *) $(VENV)/bin/labkit strip $$nb ;; esac; done
 
-# Every chapter's first cell (the Colab set-up), written from labkit.notebook.colab_cell() and _config.yml's URL.
-colab-cells: $(STAMP)
-	$(PY) -c "import labkit.notebook as n; print(*n.update_colab_cells() or ['no change'], sep='\n')"
+# Every chapter's generated cells: the first one (the Colab set-up, from labkit.notebook.colab_cell() and
+# _config.yml's URL) and the line under its Exercises heading that links the learner copy.
+chapter-cells: $(STAMP)
+	$(PY) -c "import labkit.notebook as n; print(*n.update_chapter_cells() or ['no change'], sep='\n')"
 
 clean:
 	rm -rf _build .pytest_cache

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import itertools
 import os
+import re
 import sys
 import types
 from contextlib import contextmanager
@@ -261,13 +262,40 @@ def chapters(folder: str | os.PathLike | None = None) -> list[Path]:
     return sorted(p for p in found if not p.stem.endswith("_exercises"))
 
 
-def update_colab_cells(paths=None, url: str | None = None) -> list[Path]:
-    """Give every chapter (default: ``chapters()``) the current first cell; returns the changed ones."""
+# --- the line that links a chapter's learner copy, at the top of its exercises ---------------------------
+
+EXERCISE_LINK = ("Your copy of this chapter, with the solutions below as stubs: {{download}}`{stem}_exercises.ipynb` "
+                 "(`make exercises` writes it beside the chapter). Check your answers with "
+                 "`.venv/bin/labkit check notebooks/{stem}_exercises.ipynb --quick`.")
+_EXERCISE_LINK_START = EXERCISE_LINK.split(":", 1)[0]
+
+
+def set_exercise_link(nb: nbformat.NotebookNode, stem: str) -> bool:
+    """Put the learner-copy line right under the chapter's `Exercises` heading (the markdown cell before the first
+    `exercise` cell). True if it changed."""
+    first = next((i for i, c in enumerate(nb.cells) if "exercise" in tags_of(c)), None)
+    if first is None:
+        return False
+    heading = next((c for c in reversed(nb.cells[:first]) if c.cell_type == "markdown"
+                    and re.search(r"^#+ .*Exercises", c.source, re.M)), None)
+    if heading is None:
+        raise LookupError(f"{stem}: no markdown heading with 'Exercises' before the first exercise cell")
+    paragraphs = [p for p in heading.source.split("\n\n") if not p.startswith(_EXERCISE_LINK_START)]
+    at = next(i for i, p in enumerate(paragraphs) if re.search(r"^#+ .*Exercises", p, re.M)) + 1
+    source = "\n\n".join([*paragraphs[:at], EXERCISE_LINK.format(stem=stem), *paragraphs[at:]])
+    changed = source != heading.source
+    heading.source = source
+    return changed
+
+
+def update_chapter_cells(paths=None, url: str | None = None) -> list[Path]:
+    """Give every chapter (default: ``chapters()``) the current first cell (``colab_cell``) and learner-copy line
+    (``EXERCISE_LINK``); returns the chapters that changed. ``make chapter-cells`` runs it."""
     url = url or repo_url()
     changed = []
     for p in paths or chapters():
         nb = nbformat.read(p, as_version=4)
-        if set_colab_cell(nb, url):
+        if set_colab_cell(nb, url) | set_exercise_link(nb, Path(p).stem):
             nbformat.write(nb, p)
             changed.append(Path(p))
     return changed

@@ -44,6 +44,10 @@ def html():
     env = dict(os.environ, LABKIT_SIZE="tiny", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "offline"), os.environ.get("PYTHONPATH")])))
     env.pop("MPLBACKEND", None)
+    from labkit.notebook import strip
+
+    for nb in NOTEBOOKS:                  # the learner copies the chapter pages link (as `make book` writes them)
+        strip(nb)
     jb = Path(sys.executable).parent / "jupyter-book"
     proc = subprocess.run([str(jb), "build", str(ROOT), "--path-output", str(BUILD), "--config", str(book_config(BUILD)),
                            "-W", "-n", "--keep-going"], capture_output=True, text=True, env=env, timeout=2400)
@@ -121,3 +125,134 @@ def test_browser_renders_a_chapter_with_its_plots(html, nb):
     assert seen["h1"].strip(), "the chapter has no title"
     assert seen["images"] >= 2, "the executed chapter shows fewer than 2 images (plots)"
     assert seen["loaded"] == seen["images"], f"{seen['images'] - seen['loaded']} images failed to load"
+
+
+def toc_pages() -> list[str]:
+    """Every page of the table of contents, as its path in the built site."""
+    import yaml
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]] + [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    return [f"{f}.html" for f in files]
+
+
+PROBE_ALL = """<!doctype html><html><body><pre id="result">pending</pre>
+<iframe id="f" style="width:1280px;height:900px"></iframe>
+<script>
+const pages = {pages};
+const seen = [];
+const frame = document.getElementById('f');
+function next() {{
+  if (seen.length === pages.length) {{
+    document.getElementById('result').textContent = JSON.stringify(seen);
+    return;
+  }}
+  const page = pages[seen.length];
+  frame.onload = () => {{
+    const doc = frame.contentDocument;
+    const imgs = Array.from(doc.querySelectorAll('main img'));
+    const wait = imgs.map(i => i.complete ? Promise.resolve() : new Promise(r => {{ i.onload = r; i.onerror = r; }}));
+    Promise.all(wait).then(() => {{
+      seen.push({{page: page, title: doc.title, h1: (doc.querySelector('main h1') || {{}}).textContent || '',
+                 images: imgs.length, loaded: imgs.filter(i => i.naturalWidth > 0).length}});
+      next();
+    }});
+  }};
+  frame.src = page;
+}}
+next();
+</script></body></html>"""
+
+
+def test_every_page_renders_in_the_browser(html, tmp_path):
+    """Each page of the table of contents, opened in headless Chromium: it loads, has its title and a heading,
+    and every image on it loads."""
+    if CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is required under CI (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium not installed: `apt-get install chromium` to render the book")
+    pages = toc_pages()
+    (html / "_probe_all.html").write_text(PROBE_ALL.format(pages=json.dumps(pages)))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(html))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--virtual-time-budget={8000 * len(pages)}"]
+    try:
+        dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", f"http://127.0.0.1:{server.server_address[1]}/_probe_all.html"],
+                             capture_output=True, text=True, timeout=600).stdout
+    finally:
+        server.shutdown()
+    m = re.search(r'<pre id="result">(.*?)</pre>', dom, re.S)
+    assert m and m.group(1) != "pending", f"the pages did not finish loading in the browser: {dom[:500]}"
+    import html as html_lib
+
+    seen = json.loads(html_lib.unescape(m.group(1)))
+    for page in seen:
+        print(page)
+    assert [p["page"] for p in seen] == pages
+    for p in seen:
+        assert p["title"].strip() and p["h1"].strip(), f"{p['page']} has no title or heading: {p}"
+        assert p["loaded"] == p["images"], f"{p['page']}: {p['images'] - p['loaded']} of {p['images']} images failed"
+
+
+class _Links(__import__("html.parser").parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs, self.ids = [], set()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if attrs.get("id"):
+            self.ids.add(attrs["id"])
+        for key in ("href", "src"):
+            if attrs.get(key) and tag in ("a", "img", "link", "script"):
+                self.hrefs.append(attrs[key])
+
+
+def _parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text(errors="replace"))
+    return parser
+
+
+def test_no_internal_link_is_broken(html):
+    """Every relative link, image and script of every page points to a file of the built site, and a link to
+    `page.html#anchor` to an id on that page."""
+    from urllib.parse import unquote, urlsplit
+
+    parsed = {}
+    broken = []
+    for page in toc_pages():
+        links = parsed[page] = parsed.get(page) or _parse(html / page)
+        for href in links.hrefs:
+            url = urlsplit(href)
+            if url.scheme or url.netloc or href.startswith(("mailto:", "javascript:")):
+                continue
+            target = (html / page).parent / unquote(url.path) if url.path else html / page
+            target = target.resolve()
+            if not target.exists():
+                broken.append(f"{page}: {href} (no file {target.relative_to(html.resolve()) if target.is_relative_to(html.resolve()) else target})")
+            elif url.fragment and target.suffix == ".html":
+                key = str(target.relative_to(html.resolve()))
+                if key not in parsed:
+                    parsed[key] = _parse(target)
+                ids = parsed[key].ids
+                if url.fragment not in ids:
+                    broken.append(f"{page}: {href} (no id {url.fragment!r} on {key})")
+    assert not broken, "broken internal links:\n" + "\n".join(broken[:40])
+
+
+def test_every_chapter_page_links_its_learner_copy(html):
+    """The line under each chapter's Exercises heading downloads that chapter's learner copy (solutions stubbed)."""
+    import nbformat
+
+    for nb in NOTEBOOKS:
+        page = html / "notebooks" / f"{nb.stem}.html"
+        hrefs = [h for h in _parse(page).hrefs if h.endswith(f"{nb.stem}_exercises.ipynb")]
+        assert hrefs, f"{page.name} does not link {nb.stem}_exercises.ipynb"
+        copy = nbformat.read((page.parent / hrefs[0]).resolve(), as_version=4)
+        stubs = [c for c in copy.cells if "exercise" in c.metadata.get("tags", [])]
+        assert stubs and all("NotImplementedError" in c.source for c in stubs), f"{hrefs[0]} holds solutions"

@@ -94,3 +94,25 @@ def test_dataclasses_and_future_imports_work_in_loaded_cells(tmp_path):
     assert ns["Config"]().width == 4
     assert ns["ANNOT"]["return"] is int          # a string here would mean the future import leaked
     assert notebook.as_module(nb).Config(width=2).width == 2
+
+
+def test_exercise_link_goes_under_the_heading_once():
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    from labkit.notebook import EXERCISE_LINK, set_exercise_link
+
+    nb = new_notebook(cells=[new_markdown_cell("## 4 · Exercises\n\n**Exercise 1.** Write it."),
+                             new_code_cell("def f():\n    return 1", metadata={"tags": ["exercise"]})])
+    assert set_exercise_link(nb, "09_x")
+    line = EXERCISE_LINK.format(stem="09_x")
+    assert nb.cells[0].source == f"## 4 · Exercises\n\n{line}\n\n**Exercise 1.** Write it."
+    assert "{download}`09_x_exercises.ipynb`" in line and "labkit check notebooks/09_x_exercises.ipynb" in line
+    assert not set_exercise_link(nb, "09_x")                      # already there: no change, no second copy
+    assert set_exercise_link(nb, "10_y") and nb.cells[0].source.count("Your copy of this chapter") == 1
+    assert not set_exercise_link(new_notebook(cells=[new_markdown_cell("# no exercises")]), "x")
+    after = new_notebook(cells=[new_markdown_cell("The end of section 3.\n\n## 4 · Exercises\n\nWrite them."),
+                                new_code_cell("def f():\n    return 1", metadata={"tags": ["exercise"]})])
+    assert set_exercise_link(after, "x")                        # under the heading, not above it
+    assert after.cells[0].source.split("\n\n")[1:3] == ["## 4 · Exercises", EXERCISE_LINK.format(stem="x")]
+    with pytest.raises(LookupError, match="Exercises"):
+        set_exercise_link(new_notebook(cells=[new_code_cell("def f(): pass", metadata={"tags": ["exercise"]})]), "x")

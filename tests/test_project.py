@@ -237,3 +237,25 @@ def test_every_page_shows_the_same_commands_and_the_configured_clone_url():
     for nb in NOTEBOOKS:
         prose = "\n".join(c.source for c in read(nb).cells if c.cell_type == "markdown")
         assert "jupyter lab" not in prose and "git+" not in prose, f"{nb.name}: point to `make lab` instead"
+
+
+def test_every_chapter_has_its_generated_cells_current(tmp_path):
+    """The first cell (Colab) and the learner-copy line are written by `make chapter-cells`; none is stale."""
+    import shutil
+    from pathlib import Path
+
+    from labkit.notebook import update_chapter_cells
+
+    stale = update_chapter_cells([Path(shutil.copy(nb, tmp_path / nb.name)) for nb in NOTEBOOKS])
+    assert not stale, f"run `make chapter-cells`: {[p.name for p in stale]} are out of date"
+
+
+def test_chapters_compile_through_labkit():
+    """A chapter compiles with labkit.device.compile_model (eager with one line where torch.compile is missing or
+    fails), never torch.compile(...) directly."""
+    from labkit.notebook import read
+
+    for nb in NOTEBOOKS:
+        for i, c in enumerate(read(nb).cells):
+            if c.cell_type == "code":
+                assert not re.search(r"torch\.compile\(", c.source), f"{nb.name} cell {i}: use compile_model(model)"
