@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -82,26 +83,32 @@ document.getElementById('f').addEventListener('load', () => {{
 </script></body></html>"""
 
 
-def render(html: Path, page: str, shot: Path) -> dict:
-    """Serve the book on loopback, open the page in headless Chromium, return what it saw."""
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):          # one line per request would bury the test's output
+        pass
+
+
+def browse(html: Path, probe: str, profile: Path, budget_ms: int = 8000, shot: tuple[str, Path] | None = None):
+    """Serve the book on loopback, open the ``probe`` page (HTML whose <pre id="result"> ends up holding JSON) in
+    headless Chromium and return that JSON; ``shot=(page, png)`` also takes a screenshot of a page."""
     if CHROMIUM is None:
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is required under CI (.ci/run installs Debian's chromium)")
         pytest.skip("chromium not installed: `apt-get install chromium` to render the book")
-    (html / "_probe.html").write_text(PROBE.format(page=page))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(html))
-    handler.log_message = lambda *a: None
+    (html / "_probe.html").write_text(probe)
+    handler = functools.partial(_QuietHandler, directory=str(html))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={shot.parent / 'chromium-profile'}", "--virtual-time-budget=8000"]
+             f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
     try:
         dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", f"{base}/_probe.html"], capture_output=True,
-                             text=True, timeout=180).stdout
-        subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,900", f"{base}/{page}"],
-                       capture_output=True, timeout=180)
+                             text=True, timeout=600).stdout
+        if shot is not None:
+            subprocess.run([CHROMIUM, *flags, f"--screenshot={shot[1]}", "--window-size=1280,900",
+                            f"{base}/{shot[0]}"], capture_output=True, timeout=180)
     finally:
         server.shutdown()
     m = re.search(r'<pre id="result">(.*?)</pre>', dom, re.S)
@@ -109,6 +116,11 @@ def render(html: Path, page: str, shot: Path) -> dict:
     import html as html_lib
 
     return json.loads(html_lib.unescape(m.group(1)))
+
+
+def render(html: Path, page: str, shot: Path) -> dict:
+    """What headless Chromium saw of one page (title, h1, images loaded), and a screenshot of it."""
+    return browse(html, PROBE.format(page=page), shot.parent / "chromium-profile", shot=(page, shot))
 
 
 def test_browser_renders_the_intro(html, tmp_path):
@@ -167,29 +179,9 @@ next();
 def test_every_page_renders_in_the_browser(html, tmp_path):
     """Each page of the table of contents, opened in headless Chromium: it loads, has its title and a heading,
     and every image on it loads."""
-    if CHROMIUM is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is required under CI (.ci/run installs Debian's chromium)")
-        pytest.skip("chromium not installed: `apt-get install chromium` to render the book")
     pages = toc_pages()
-    (html / "_probe_all.html").write_text(PROBE_ALL.format(pages=json.dumps(pages)))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(html))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--virtual-time-budget={8000 * len(pages)}"]
-    try:
-        dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", f"http://127.0.0.1:{server.server_address[1]}/_probe_all.html"],
-                             capture_output=True, text=True, timeout=600).stdout
-    finally:
-        server.shutdown()
-    m = re.search(r'<pre id="result">(.*?)</pre>', dom, re.S)
-    assert m and m.group(1) != "pending", f"the pages did not finish loading in the browser: {dom[:500]}"
-    import html as html_lib
-
-    seen = json.loads(html_lib.unescape(m.group(1)))
+    seen = browse(html, PROBE_ALL.format(pages=json.dumps(pages)), tmp_path / "chromium-profile",
+                  budget_ms=8000 * len(pages))
     for page in seen:
         print(page)
     assert [p["page"] for p in seen] == pages
@@ -198,7 +190,7 @@ def test_every_page_renders_in_the_browser(html, tmp_path):
         assert p["loaded"] == p["images"], f"{p['page']}: {p['images'] - p['loaded']} of {p['images']} images failed"
 
 
-class _Links(__import__("html.parser").parser.HTMLParser):
+class _Links(HTMLParser):
     def __init__(self):
         super().__init__()
         self.hrefs, self.ids = [], set()
