@@ -299,3 +299,92 @@ def update_chapter_cells(paths=None, url: str | None = None) -> list[Path]:
             nbformat.write(nb, p)
             changed.append(Path(p))
     return changed
+
+
+# --- answers the learner copy must not give away -----------------------------------------------------------
+
+class _Normalise(ast.NodeTransformer):
+    """Rename variables and arguments to v0, v1, ... by first appearance; keep attributes, calls' keyword names and
+    constants: two bodies that differ only in what their locals are called normalise to the same text."""
+
+    def __init__(self):
+        self.names: dict[str, str] = {}
+
+    def _name(self, s):
+        return self.names.setdefault(s, f"v{len(self.names)}")
+
+    def visit_Name(self, node):
+        return ast.copy_location(ast.Name(id=self._name(node.id), ctx=node.ctx), node)
+
+    def visit_arg(self, node):
+        return ast.copy_location(ast.arg(arg=self._name(node.arg), annotation=None), node)
+
+
+def _is_docstring(stmt) -> bool:
+    return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)
+
+
+def _norm(stmts) -> str:
+    import copy
+
+    t = _Normalise()
+    return "\n".join(ast.dump(t.visit(copy.deepcopy(s))) for s in stmts if not _is_docstring(s))
+
+
+def _solution_bodies(source: str):
+    """(name, statements) of each function an exercise cell defines (top level, and methods of top-level classes)."""
+    for node in ast.parse(_clean(source)).body:
+        fns = [node] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else \
+            [n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))] \
+            if isinstance(node, ast.ClassDef) else []
+        for fn in fns:
+            body = [s for s in fn.body if not _is_docstring(s)]
+            if body:
+                yield fn.name, body
+
+
+def _statement_lists(tree):
+    """Every list of statements in a tree: module, function and loop bodies, branches."""
+    for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                yield block
+
+
+def answer_leaks(path, min_chars: int = 300, similar: float = 0.9) -> list[str]:
+    """Where the learner copy (``strip``) still shows an exercise's answer: a solution function whose body (names
+    normalised) stands in another code cell, as a whole function body or as a run of statements inside one, or a
+    function body at least ``similar`` alike (difflib ratio). Bodies shorter than ``min_chars`` of normalised AST
+    (a one-line ``return``) are too small to count. Returns one line per leak; ``[]`` is the goal."""
+    import difflib
+
+    nb = read(path)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    others = []
+    for c in code:
+        if "exercise" in tags_of(c):
+            continue
+        try:
+            others.append(ast.parse(_clean(c.source)))
+        except SyntaxError:
+            continue
+    blocks = [b for t in others for b in _statement_lists(t)]
+    functions = [n for t in others for n in ast.walk(t) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    leaks = []
+    for i, (src, _check) in enumerate(exercises(path)):
+        for name, body in _solution_bodies(src):
+            target = _norm(body)
+            if len(target) < min_chars:
+                continue
+            k = len(body)
+            hit = next((b for b in blocks for j in range(len(b) - k + 1) if _norm(b[j:j + k]) == target), None)
+            if hit is not None:
+                leaks.append(f"exercise {i} `{name}`: its body stands in another cell (line {hit[0].lineno})")
+                continue
+            for fn in functions:
+                ratio = difflib.SequenceMatcher(None, target, _norm(fn.body), autojunk=False).ratio()
+                if ratio >= similar:
+                    leaks.append(f"exercise {i} `{name}`: {ratio:.0%} like `{fn.name}` in another cell")
+                    break
+    return leaks
