@@ -27,6 +27,8 @@ import io
 import json
 import os
 import shutil
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +189,39 @@ def on_main(fn, model: nn.Module, d: Dist):
         with contextlib.redirect_stdout(io.StringIO()):
             fn(model)
     return from_main(result, d)
+
+
+class StopRequest:
+    """Ctrl-C under torchrun, without losing the run. The terminal's SIGINT reaches every rank at once, and torchrun
+    passes it (or its SIGTERM) on and kills what is left 30 s later. A KeyboardInterrupt would stop each rank at a
+    different instruction, one inside an all-reduce, another not, and the collective checkpoint could not be
+    written. So during ``fit`` these signals only set a flag; at each step boundary the ranks agree (``agreed``: one
+    all-reduce of one number) and all stop together, at the same step, and save one consistent checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self._old = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def agreed(self, d: Dist) -> bool:
+        """True on every rank as soon as any rank was asked to stop."""
+        t = torch.tensor([float(self.requested)], device=d.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
 
 def seed_dropout(seed: int, step: int, d: Dist) -> None:

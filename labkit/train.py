@@ -8,7 +8,8 @@ What it does, in the order a training step does it:
   updates the live plot in Jupyter and writes a checkpoint atomically (temp file + rename).
 
 Stopping with the ■ button (KeyboardInterrupt) saves a checkpoint and returns the history so far:
-nothing is lost. A CUDA out-of-memory error is answered with the memory in use and the knobs to turn.
+nothing is lost. Under torchrun, Ctrl-C does the same: the ranks stop together at the next step boundary and write
+one checkpoint (``labkit.distributed.StopRequest``). A CUDA out-of-memory error is answered with the memory in use and the knobs to turn.
 """
 from __future__ import annotations
 
@@ -341,55 +342,69 @@ class Trainer:
                 print(f"resumed from {cfg.ckpt_path} at step {self.step}")
         end = cfg.max_steps if steps is None else min(cfg.max_steps, self.step + steps)
         bar = tqdm(total=end, initial=self.step, desc="training", unit="step", disable=not (cfg.progress and self.is_main))
-        t_last, items, step_t0 = time.perf_counter(), 0, time.perf_counter()
-        step_start = (self.generator.get_state(), torch.get_rng_state())
-        try:
-            while self.step < end:
-                # An interrupt mid-step rolls back to here, so the checkpoint is always at a step boundary.
-                step_start = (self.generator.get_state(), torch.get_rng_state())
-                loss = self.train_step()
-                items += (self.items_per_batch or 0) * cfg.grad_accum
-                record = {"step": self.step, "lr": lr_at(self.step - 1, cfg), "train_loss_step": loss}
-                if self.step % cfg.log_every == 0 or self.step == end:
-                    dt = time.perf_counter() - t_last
-                    if self.items_per_batch and dt > 0:
-                        record["items_per_s"] = items / dt
-                        if self.flops_per_item and self.peak:
-                            record["mfu"] = items * self.flops_per_item / dt / self.peak
-                    t_last, items = time.perf_counter(), 0
-                    if self.device.type == "cuda":
-                        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024**3
-                    postfix = {"loss": f"{loss:.4f}"}
-                    if "items_per_s" in record:
-                        postfix[f"{self.item_name}/s"] = f"{record['items_per_s']:,.0f}"
-                    bar.set_postfix(postfix)
-                is_eval = self.step % cfg.eval_every == 0 or self.step == end
-                if is_eval:
-                    record.update(self.evaluate())
-                    record["time_s"] = time.perf_counter() - step_t0
-                self.history.append(record)
-                if is_eval:
-                    self._draw()
-                    if cfg.ckpt_path:
-                        self.save()
-                bar.update(1)
-        except KeyboardInterrupt:
-            bar.close()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.generator.set_state(step_start[0])
-            torch.set_rng_state(step_start[1])
-            if cfg.ckpt_path:
-                self.save()
-            if self.is_main:
-                print(f"interrupted at step {self.step}: checkpoint saved to {cfg.ckpt_path}; fit() again resumes"
-                      if cfg.ckpt_path else f"interrupted at step {self.step}; the history so far is returned")
-            return self.history
-        except torch.cuda.OutOfMemoryError as e:
-            bar.close()
-            raise RuntimeError(self._oom_message()) from e
+        # Under torchrun, Ctrl-C (SIGINT) and torchrun's SIGTERM only ask to stop; the ranks stop together
+        # (labkit.distributed.StopRequest). In one process it is a KeyboardInterrupt, wherever the step is.
+        stop = distributed.StopRequest() if self.dist is not None else None
+        self._step_start = (self.generator.get_state(), torch.get_rng_state())
+        with stop or contextlib.nullcontext():  # held through the save: a second signal cannot cut it short
+            try:
+                self._loop(end, bar, stop)
+            except KeyboardInterrupt:
+                bar.close()
+                return self._interrupted()
+            except torch.cuda.OutOfMemoryError as e:
+                bar.close()
+                raise RuntimeError(self._oom_message()) from e
         bar.close()
         self._draw(final=True)
         return self.history
+
+    def _interrupted(self) -> list[dict]:
+        """Back to the last step boundary, save, say so: nothing is lost."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.generator.set_state(self._step_start[0])
+        torch.set_rng_state(self._step_start[1])
+        if self.cfg.ckpt_path:
+            self.save()
+        if self.is_main:
+            print(f"interrupted at step {self.step}: checkpoint saved to {self.cfg.ckpt_path}; fit() again resumes"
+                  if self.cfg.ckpt_path else f"interrupted at step {self.step}; the history so far is returned")
+        return self.history
+
+    def _loop(self, end: int, bar, stop: "distributed.StopRequest | None") -> None:
+        cfg = self.cfg
+        t_last, items, step_t0 = time.perf_counter(), 0, time.perf_counter()
+        while self.step < end:
+            # An interrupt mid-step rolls back to here, so the checkpoint is always at a step boundary.
+            self._step_start = (self.generator.get_state(), torch.get_rng_state())
+            if stop is not None and stop.agreed(self.dist):
+                raise KeyboardInterrupt  # every rank at once, at the same step boundary
+            loss = self.train_step()
+            items += (self.items_per_batch or 0) * cfg.grad_accum
+            record = {"step": self.step, "lr": lr_at(self.step - 1, cfg), "train_loss_step": loss}
+            if self.step % cfg.log_every == 0 or self.step == end:
+                dt = time.perf_counter() - t_last
+                if self.items_per_batch and dt > 0:
+                    record["items_per_s"] = items / dt
+                    if self.flops_per_item and self.peak:
+                        record["mfu"] = items * self.flops_per_item / dt / self.peak
+                t_last, items = time.perf_counter(), 0
+                if self.device.type == "cuda":
+                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024**3
+                postfix = {"loss": f"{loss:.4f}"}
+                if "items_per_s" in record:
+                    postfix[f"{self.item_name}/s"] = f"{record['items_per_s']:,.0f}"
+                bar.set_postfix(postfix)
+            is_eval = self.step % cfg.eval_every == 0 or self.step == end
+            if is_eval:
+                record.update(self.evaluate())
+                record["time_s"] = time.perf_counter() - step_t0
+            self.history.append(record)
+            if is_eval:
+                self._draw()
+                if cfg.ckpt_path:
+                    self.save()
+            bar.update(1)
 
     def _oom_message(self) -> str:
         used = ""

@@ -103,6 +103,33 @@ def worker(args) -> None:
         (out / "result.json").write_text(json.dumps(result))
 
 
+LONG = 400        # the Ctrl-C run's max_steps: far more than it gets to
+
+
+def long_trainer(ckpt=None, strategy=None, marker: Path | None = None, delay: float = 0.0):
+    """A run of LONG steps with no checkpoint before the end (eval_every=LONG): only an interrupt can save one.
+    With ``marker``, each batch drawn after step 3 touches it (the test's cue to press Ctrl-C)."""
+    t = make_trainer(ckpt=ckpt, strategy=strategy)
+    t.cfg = dataclasses.replace(t.cfg, max_steps=LONG, eval_every=LONG)
+
+    def get(split, g):
+        if marker is not None and t.step >= 3:
+            marker.touch()
+        time.sleep(delay)
+        return get_batch(split, g)
+
+    t.get_batch = get
+    return t
+
+
+def interrupt_worker(args) -> None:
+    t = long_trainer(ckpt=args.ckpt, strategy=args.strategy, marker=Path(args.out) / f"running.{os.environ['RANK']}",
+                     delay=0.02)
+    t.fit()
+    if t.is_main:
+        (Path(args.out) / "stopped.json").write_text(json.dumps({"step": t.step}))
+
+
 def torchrun(tmp_path: Path, strategy: str, *extra: str) -> subprocess.CompletedProcess:
     logs = tmp_path / "logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -182,6 +209,53 @@ def test_fsdp_two_ranks_then_resume_on_one(tmp_path, reference):
     # a checkpoint of another model is refused with a clear message
     with pytest.raises(ValueError, match="does not match this model"):
         make_trainer(ckpt=str(ckpt), dim=48).load()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ctrl_c_under_torchrun_saves_one_checkpoint_and_resumes(tmp_path, strategy):
+    """Ctrl-C in the terminal (SIGINT to torchrun and its workers, and torchrun's own SIGINT to them): the ranks stop
+    together at one step boundary, write one checkpoint, and exit cleanly; one process resumes it and continues
+    exactly like a run that was never interrupted."""
+    import signal
+
+    ckpt = tmp_path / "ckpt"
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs),
+           "--redirects", "3", str(HERE), "--strategy", strategy, "--out", str(tmp_path), "--ckpt", str(ckpt),
+           "--interrupt"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("LABKIT_STRATEGY", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)          # its own process group, as a terminal's job is
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"running.{r}").exists() for r in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)                    # what Ctrl-C does: the whole foreground group
+        out = proc.communicate(timeout=90)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    worker_logs = "".join(p.read_text()[-2000:] for p in logs.rglob("std*.log"))
+    assert (tmp_path / "stopped.json").exists(), out[-3000:] + worker_logs
+    stopped = json.loads((tmp_path / "stopped.json").read_text())["step"]
+    assert 3 <= stopped < LONG
+    assert f"interrupted at step {stopped}: checkpoint saved" in rank_output(tmp_path, 0)
+    assert "interrupted" not in rank_output(tmp_path, 1)
+    assert "Traceback" not in worker_logs, worker_logs
+    assert sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # one process resumes at that step and continues: the weights equal an uninterrupted run's
+    resumed = long_trainer(ckpt=str(ckpt))
+    resumed.load()
+    assert resumed.step == stopped
+    resumed.cfg = dataclasses.replace(resumed.cfg, ckpt_path=None)
+    resumed.fit(steps=2)
+    straight = long_trainer()
+    straight.fit(steps=stopped + 2)
+    err = max_diff(full_weights(resumed), full_weights(straight))
+    print(f"{strategy}: Ctrl-C at step {stopped}, resumed on 1 rank, 2 steps on: {err:.2e} from an uninterrupted run")
+    assert err < TOL
 
 
 def test_an_interrupted_swap_resumes_from_the_old_folder(tmp_path, reference, capsys):
@@ -294,4 +368,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True)
     parser.add_argument("--ckpt")
     parser.add_argument("--bad-ckpt")
-    worker(parser.parse_args())
+    parser.add_argument("--interrupt", action="store_true")
+    args = parser.parse_args()
+    interrupt_worker(args) if args.interrupt else worker(args)
