@@ -25,7 +25,7 @@ endif
 	touch $(STAMP)
 
 book: $(STAMP) exercises
-	$(VENV)/bin/jupyter-book build . -W --keep-going
+	LABKIT_STATIC=1 $(VENV)/bin/jupyter-book build . -W --keep-going
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 
 # The whole suite: labkit units, reference cross-checks, exercises, every notebook (nbval, network blocked),

@@ -42,7 +42,7 @@ def book_config(build: Path) -> Path:
 @pytest.fixture(scope="module")
 def html():
     """Build once per session (executing the EXECUTED chapters at the tiny size, network blocked)."""
-    env = dict(os.environ, LABKIT_SIZE="tiny", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+    env = dict(os.environ, LABKIT_SIZE="tiny", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", LABKIT_STATIC="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "tests" / "offline"), os.environ.get("PYTHONPATH")])))
     env.pop("MPLBACKEND", None)
     from labkit.notebook import strip
@@ -248,3 +248,15 @@ def test_every_chapter_page_links_its_learner_copy(html):
         copy = nbformat.read((page.parent / hrefs[0]).resolve(), as_version=4)
         stubs = [c for c in copy.cells if "exercise" in c.metadata.get("tags", [])]
         assert stubs and all("NotImplementedError" in c.source for c in stubs), f"{hrefs[0]} holds solutions"
+
+
+def test_hints_are_collapsed_and_explorations_are_still_figures(html):
+    """Every chapter page holds its hints as closed <details> blocks; on the executed chapter the exploration is the
+    figure at its defaults (LABKIT_STATIC=1), with its caption."""
+    for nb in NOTEBOOKS:
+        text = (html / "notebooks" / f"{nb.stem}.html").read_text()
+        assert text.count("<details><summary>Hint") >= 3, f"{nb.stem}: fewer than 3 collapsed hints on the page"
+        assert "<details open" not in text
+    for nb in EXECUTED:
+        text = (html / "notebooks" / f"{nb.stem}.html").read_text()
+        assert "in Jupyter or Colab the controls change them" in text, f"{nb.stem}: no exploration's still figure"

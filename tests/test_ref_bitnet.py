@@ -233,31 +233,95 @@ def test_flops_per_token_counts_the_matrices(ch):
 
 # --------------------------------------------------------------------------- exercises
 WRONG_ANSWERS = {
-    # absmax instead of absmean: most weights become 0
+    # the groups taken with the wrong reshape: shapes right, but each "group" is a strided set of columns
     0: """
-def absmean_ternary(w):
-    s = 1.0 / w.abs().max().clamp(min=1e-5)
-    return (w * s).round().clamp(-1, 1).to(torch.int8), s
+def ternarize_groups(w, group_size):
+    n, m = w.shape
+    groups = w.float().reshape(n, group_size, m // group_size)
+    scales = 1.0 / groups.abs().mean(dim=1).clamp(min=1e-5)
+    w_ternary = (groups * scales[:, None, :]).round().clamp(-1, 1)
+    return w_ternary.reshape(n, m).to(torch.int8), scales
 """,
-    # one scale for the whole tensor instead of one per token
+    # the first weight as the most significant digit: a valid code that round-trips, in the wrong layout
     1: """
-def absmax_int8(x):
-    s = 127.0 / x.abs().max().clamp(min=1e-5)
-    return (x * s).round().clamp(-128, 127).to(torch.int8), s.expand(*x.shape[:-1], 1)
+def pack_base3(w_ternary):
+    codes = w_ternary.reshape(-1).to(torch.int32) + 1
+    codes = F.pad(codes, (0, -codes.numel() % 5), value=1)
+    powers = 3 ** torch.arange(4, -1, -1, dtype=torch.int32)
+    return (codes.view(-1, 5) * powers).sum(dim=1).to(torch.uint8)
+
+
+def unpack_base3(packed, shape):
+    powers = 3 ** torch.arange(4, -1, -1, dtype=torch.int32)
+    codes = packed.to(torch.int32)[:, None] // powers % 3
+    return (codes.reshape(-1)[:math.prod(shape)] - 1).to(torch.int8).view(*shape)
 """,
-    # the quantised value without the straight-through trick: right forward, wrong gradient
+    # the table's patterns in {0, 1, 2} (the codes) instead of the weights {-1, 0, 1}: every entry off by Σ x
     2: """
-def straight_through(x, quantizer):
-    return quantizer(x)
-""",
-    # four consecutive rows per byte: a valid packing, but not the layout of transformers' checkpoints
-    3: """
-def pack_2bit(w_ternary):
-    n = w_ternary.shape[0]
-    codes = (w_ternary + 1).to(torch.uint8).view(n // 4, 4, *w_ternary.shape[1:])
-    return codes[:, 0] | codes[:, 1] << 2 | codes[:, 2] << 4 | codes[:, 3] << 6
+def ternary_lut(x_int, g):
+    N, m = x_int.shape
+    k = torch.arange(3 ** g)
+    patterns = (k[:, None] // 3 ** torch.arange(g) % 3).to(torch.int32)
+    groups = x_int.to(torch.int32).view(N, m // g, g)
+    return (groups[:, :, None, :] * patterns).sum(dim=-1, dtype=torch.int32)
+
+
+def lut_matmul(lut, w_ternary):
+    N, n_groups, n_patterns = lut.shape
+    g = round(math.log(n_patterns, 3))
+    codes = (w_ternary.to(torch.int64) + 1).view(w_ternary.shape[0], n_groups, g)
+    index = (codes * 3 ** torch.arange(g)).sum(dim=-1)
+    return lut[:, torch.arange(n_groups), index].sum(dim=-1, dtype=torch.int32)
 """,
 }
+
+# a lookup that reads the digits the other way round: right with a table built the same wrong way, so only the
+# check's reference table exposes it
+LUT_MATMUL_REVERSED = """
+def ternary_lut(x_int, g):
+    N, m = x_int.shape
+    k = torch.arange(3 ** g)
+    patterns = (k[:, None] // 3 ** torch.arange(g - 1, -1, -1) % 3 - 1).to(torch.int32)
+    groups = x_int.to(torch.int32).view(N, m // g, g)
+    return (groups[:, :, None, :] * patterns).sum(dim=-1, dtype=torch.int32)
+
+
+def lut_matmul(lut, w_ternary):
+    N, n_groups, n_patterns = lut.shape
+    g = round(math.log(n_patterns, 3))
+    codes = (w_ternary.to(torch.int64) + 1).view(w_ternary.shape[0], n_groups, g)
+    index = (codes * 3 ** torch.arange(g - 1, -1, -1)).sum(dim=-1)
+    return lut[:, torch.arange(n_groups), index].sum(dim=-1, dtype=torch.int32)
+"""
+
+
+def test_lut_check_rejects_a_consistently_reversed_digit_order():
+    from labkit.check import ExerciseError
+
+    with pytest.raises(ExerciseError, match="ternary_lut"):
+        labkit.notebook.run_exercise(NB, 2, LUT_MATMUL_REVERSED)
+
+
+def test_explore_ternary_threshold(ch):
+    """The exploration: a higher threshold gives more zeros; at t = ½ with γ it is the chapter's ternarize."""
+    import matplotlib.pyplot as plt
+
+    ns = labkit.notebook.load(NB, ("model", "explore"))
+    torch.manual_seed(0)
+    weight = ns["BitNetLM"](ns["BitNetConfig"].preset("tiny")).model.layers[0].mlp.up_proj.weight
+    view = ns["explore_ternary_threshold"](weight)
+    assert view.values == {"threshold": 0.5, "scale": "γ (BitNet)"}
+    w_t, _ = ns["ternarize"](weight.detach())
+    assert abs(view.result["zeros"] - (w_t == 0).float().mean().item()) < 1e-6      # t = ½: the chapter's zeros
+    low, high = view.set(threshold=0.2), view.set(threshold=1.0)
+    print(f"\nzeros: {low['zeros']:.3f} at t = 0.2, {high['zeros']:.3f} at t = 1.0")
+    assert low["zeros"] < 0.31 < high["zeros"]
+    assert all(a <= b for a, b in zip(high["zeros_curve"], high["zeros_curve"][1:]))
+    fitted = view.set(scale="least squares")
+    assert fitted["error"] < high["error"]                  # the least-squares scale fits better at the same t
+    fig = view.figure()
+    assert isinstance(fig, plt.Figure)
+    plt.close(fig)
 
 
 def test_wrong_answers_fail():

@@ -317,41 +317,89 @@ def test_full_size_loaders_offline_say_what_to_do(ns, hub_offline):
 
 # ------------------------------------------------------------------------------------------------ exercises
 WRONG_ANSWERS = {
-    # patches laid out channel-first (C, p, p) instead of DiT's (p, p, C): the shapes all fit, the pixels do not
+    # U-Net-style conditioning: c = e_t + e_y added to every image token, no extra tokens. Shape, parameter count and
+    # "the condition changes the output" all pass; with attention off the condition still reaches the output
     0: """
-def unpatchify_tokens(x, patch_size, channels):
-    B, N, _ = x.shape
-    h = w = math.isqrt(N)
-    x = x.reshape(B, h, w, channels, patch_size, patch_size)
-    x = torch.einsum("bhwcpq->bchpwq", x)
-    return x.reshape(B, channels, h * patch_size, w * patch_size)
+class InContextBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class InContextDiT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, D = cfg, cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, cfg.input_size // cfg.patch_size)[None])
+        self.t_embedder, self.y_embedder = TimestepEmbedder(D), LabelEmbedder(cfg.num_classes, D)
+        self.blocks = nn.ModuleList(InContextBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm_final = nn.LayerNorm(D, eps=1e-6)
+        self.linear = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
+
+    def forward(self, x, t, y):
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        c = self.t_embedder(t) + self.y_embedder(y)
+        h = self.x_embedder(x) + self.pos_embed + c[:, None]
+        for block in self.blocks:
+            h = block(h)
+        return unpatchify(self.linear(self.norm_final(h)), self.cfg.patch_size, self.cfg.out_channels)
 """,
-    # modulates with scale instead of (1 + scale): with the zero init that multiplies everything by 0
+    # interpolates the variances instead of their logarithms: v outside [-1, 1] makes the mixture negative (NaN)
     1: """
-def adaln_modulate(x, shift, scale):
-    return x * scale[:, None, :] + shift[:, None, :]
+def learned_log_variance(v, t, alphas_cumprod):
+    a_t, a_prev = alphas_cumprod[t], alphas_cumprod[t - 1]
+    beta = 1 - a_t / a_prev
+    beta_tilde = (1 - a_prev) / (1 - a_t) * beta
+    frac = (v + 1) / 2
+    return (frac * beta + (1 - frac) * beta_tilde).log()
+
+
+def learned_sigma_step(schedule, model_output, t, x_t, noise):
+    eps, v = model_output.chunk(2, dim=1)
+    mean = ch10.ddpm_step(schedule, eps, t, t - 1, x_t, torch.zeros_like(x_t))
+    return mean + (0.5 * learned_log_variance(v, t, schedule.alphas_cumprod)).exp() * noise
 """,
-    # the two halves swapped: rows in the first half, columns in the second
+    # counts one attention product per block (QKᵀ) and forgets A·V
     2: """
-def pos_embed_2d(dim, grid_size):
-    def one_d(d, pos):
-        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
-        a = pos.double()[:, None] * omega[None]
-        return torch.cat([a.sin(), a.cos()], dim=1)
-    ys, xs = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-    return torch.cat([one_d(dim // 2, ys.flatten()), one_d(dim // 2, xs.flatten())], dim=1).float()
-""",
-    # zeroes every adaLN modulation but forgets the final linear: blocks start as the identity, the output does not start at 0
-    3: """
-def adaln_zero_init(model):
-    for block in model.blocks:
-        torch.nn.init.zeros_(block.adaLN_modulation[-1].weight)
-        torch.nn.init.zeros_(block.adaLN_modulation[-1].bias)
-    torch.nn.init.zeros_(model.final_layer.adaLN_modulation[-1].weight)
-    torch.nn.init.zeros_(model.final_layer.adaLN_modulation[-1].bias)
+def dit_forward_flops(cfg):
+    D, N, p = cfg.hidden_size, cfg.num_patches, cfg.patch_size
+    M = int(cfg.mlp_ratio * D)
+    block = 2 * D * 6 * D + 4 * 2 * N * D * D + 2 * N * N * D + 2 * 2 * N * D * M
+    return int(2 * N * p * p * cfg.in_channels * D + 2 * 256 * D + 2 * D * D + cfg.depth * block
+               + 2 * D * 2 * D + 2 * N * D * p * p * cfg.out_channels)
 """,
 }
 
 
 def test_wrong_answers_are_rejected():
     assert_wrong_answers_fail(NB, WRONG_ANSWERS)
+
+
+
+def test_patch_size_explorer_shows_what_it_should():
+    import matplotlib.pyplot as plt
+
+    ns = notebook.load(NB, ("model", "explore"))
+    view = ns["explore_patch_size"]()
+    assert view.values == {"patch_size": 2, "preset": "DiT-B/2", "latent_size": 32}
+    assert view.result["tokens"] == 256
+    fine, coarse = dict(view.set(patch_size=1)), dict(view.set(patch_size=4))
+    print(f"\nDiT-B on 32² latents: p = 1: {fine['tokens']} tokens, attention {fine['attention_share']:.0%} of "
+          f"{(fine['attention_flops'] + fine['other_flops']) / 1e9:.0f} GFLOP; p = 4: {coarse['tokens']} tokens, "
+          f"attention {coarse['attention_share']:.0%} of {(coarse['attention_flops'] + coarse['other_flops']) / 1e9:.0f} GFLOP")
+    assert fine["tokens"] == 16 * coarse["tokens"] == 1024
+    assert fine["attention_share"] > coarse["attention_share"]                   # N² outgrows N
+    assert fine["attention_flops"] > 200 * coarse["attention_flops"]             # 16² = 256× (the softmax aside)
+    assert 10 < fine["other_flops"] / coarse["other_flops"] < 17                 # ~16× (N), less the per-image parts
+    assert fine["attention_matrix_bytes"] == 256 * coarse["attention_matrix_bytes"]
+    small = view.set(patch_size=2, latent_size=8)                                # fewer tokens at a smaller latent
+    assert small["tokens"] == 16 and small["attention_flops"] < fine["attention_flops"]
+    assert isinstance(view.figure(), plt.Figure)
+    plt.close("all")

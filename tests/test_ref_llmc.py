@@ -398,8 +398,83 @@ def attention_backward_torch(q, k, v, dout):
     ds = a * (dout @ v.transpose(-2, -1))
     return ds @ k / math.sqrt(d), ds.transpose(-2, -1) @ q / math.sqrt(d), dv
 ''',
+    # the mean over all N rows, not over the rows that count: ignored (-1) positions still dilute loss and gradient
+    4: '''
+def fused_classifier_source() -> str:
+    return r"""
+float fused_classifier(float* logits, float* losses, const int* targets, int N, int V) {
+    float dloss = 1.0f / N;
+    for (int n = 0; n < N; n++) {
+        float* z = logits + (size_t)n * V;
+        int y = targets[n];
+        if (y < 0) { losses[n] = 0.0f; for (int j = 0; j < V; j++) z[j] = 0.0f; continue; }
+        float m = -INFINITY;
+        for (int j = 0; j < V; j++) if (z[j] > m) m = z[j];
+        double sum = 0.0;
+        for (int j = 0; j < V; j++) sum += exp((double)z[j] - m);
+        losses[n] = (float)(log(sum) + m - z[y]);
+        for (int j = 0; j < V; j++) z[j] = (float)(exp((double)z[j] - m) / sum) * dloss;
+        z[y] -= dloss;
+    }
+    double total = 0.0;
+    for (int n = 0; n < N; n++) total += losses[n];
+    return (float)(total / N);
+}
+"""
+''',
+    # the LayerNorm formula with the mean-of-g term kept: RMSNorm subtracts no mean, so that term must go
+    5: '''
+def rmsnorm_source() -> str:
+    return r"""
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, int N, int C) {
+    for (int n = 0; n < N; n++) {
+        const float* x = inp + (size_t)n * C;
+        float ss = 0.0f;
+        for (int i = 0; i < C; i++) ss += x[i] * x[i];
+        float r = 1.0f / sqrtf(ss / C + 1e-5f);
+        for (int i = 0; i < C; i++) out[(size_t)n * C + i] = weight[i] * x[i] * r;
+        rstd[n] = r;
+    }
+}
+void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+                      const float* rstd, int N, int C) {
+    for (int n = 0; n < N; n++) {
+        const float* x = inp + (size_t)n * C;
+        const float* dy = dout + (size_t)n * C;
+        float r = rstd[n], mean_g = 0.0f, mean_gx = 0.0f;
+        for (int i = 0; i < C; i++) { mean_g += dy[i] * weight[i] / C; mean_gx += dy[i] * weight[i] * x[i] * r / C; }
+        for (int i = 0; i < C; i++) {
+            dinp[(size_t)n * C + i] += r * (dy[i] * weight[i] - mean_g - x[i] * r * mean_gx);
+            dweight[i] += dy[i] * x[i] * r;
+        }
+    }
+}
+"""
+''',
 }
 
 
 def test_wrong_answers_are_rejected():
     assert_wrong_answers_fail(NB, WRONG_ANSWERS)
+
+
+def test_kernel_times_explorer():
+    """The exploration: longer sequences give attention a larger share of a block (FLOPs exactly, time measured);
+    a wider model gives the matmuls back their share."""
+    import matplotlib.figure
+
+    ns = notebook.load(NB, ("model", "explore"))
+    view = ns["explore_kernel_times"]()
+    assert view.values == {"seq_len": 64, "n_embd": 64}
+    short = view.set(seq_len=16, n_embd=64)
+    long = view.set(seq_len=256, n_embd=64)
+    print(f"\nattention share at T=16 / 256, C=64: FLOPs {short['flop_share']['attention']:.2f} / "
+          f"{long['flop_share']['attention']:.2f}, time {short['ms_share']['attention']:.2f} / "
+          f"{long['ms_share']['attention']:.2f}")
+    assert long["flop_share"]["attention"] > 5 * short["flop_share"]["attention"]
+    assert long["ms_share"]["attention"] > 2 * short["ms_share"]["attention"]
+    assert long["ms"]["attention"] > short["ms"]["attention"]
+    wide = view.set(seq_len=256, n_embd=256)
+    assert wide["flop_share"]["matmul"] > long["flop_share"]["matmul"]
+    assert wide["ms_share"]["matmul"] > long["ms_share"]["matmul"]
+    assert isinstance(view.figure(), matplotlib.figure.Figure)

@@ -427,29 +427,88 @@ def test_hub_data_offline_explains(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------------- exercises
 WRONG_ANSWERS = {
-    # scales by alpha instead of alpha / r (the most common LoRA slip)
-    0: '''
-def lora_forward(x, W, b, A, B, alpha):
-    return F.linear(x, W, b) + (x @ A.t() @ B.t()) * alpha
-''',
-    # forgets the alpha / r scaling when merging
-    1: '''
-def merge_weight(W, A, B, alpha):
-    return W + B @ A
-''',
-    # scales by the block's max instead of its max magnitude: wrong when the largest weight is negative
-    2: '''
-def nf4_quantize_block(block):
-    absmax = block.max()
-    distances = (block[:, None] / absmax - NF4[None, :]).abs()
-    return distances.argmin(dim=1).to(torch.uint8), absmax
-''',
-    # first code in the low nibble: the bytes hold the right codes in the wrong layout
-    3: '''
-def pack_nibbles(codes):
-    return codes[1::2] * 16 + codes[0::2]
-''',
+    # the scale s left out of the gradient of A (it is in B's and in x's): right shapes, A's gradient 1/s off
+    0: """
+def lora_backward(x, W, A, B, scaling, grad_y):
+    x2, g2 = x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1])
+    h = x2 @ A.t()
+    grad_B = scaling * (g2.t() @ h)
+    grad_A = (g2 @ B).t() @ x2
+    grad_x = (g2 @ W + scaling * (g2 @ B) @ A).reshape(x.shape)
+    return grad_x, grad_A, grad_B
+""",
+    # the paper's "column-wise" norm read on a (d_out, d_in) weight: each input column normalised, not each row
+    1: """
+def dora_forward(x, W, b, A, B, magnitude, alpha, rslora=False):
+    r = A.shape[0]
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r
+    W_adapted = W + scaling * (B @ A)
+    direction = W_adapted / torch.linalg.norm(W_adapted, dim=0, keepdim=True).detach()
+    return F.linear(x, magnitude[:, None] * direction) + b
+""",
+    # indexes the adapter list with every id, -1 included: the base model's sequences get the last adapter
+    2: """
+def multi_lora_forward(x, W, b, adapters, adapter_ids):
+    rows = []
+    for n, k in enumerate(adapter_ids.tolist()):
+        A, B, scaling = adapters[k]
+        rows.append(F.linear(x[n], W, b) + scaling * (x[n] @ A.t() @ B.t()))
+    return torch.stack(rows)
+""",
 }
+
+# more wrong DoRAs that exercise 2's check must reject: right outputs with the norm in the graph (wrong gradients),
+# rsLoRA's flag ignored, and the bias rescaled with the rest
+DORA_WRONG = {
+    "norm not detached": """
+def dora_forward(x, W, b, A, B, magnitude, alpha, rslora=False):
+    r = A.shape[0]
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r
+    W_adapted = W + scaling * (B @ A)
+    return F.linear(x, W_adapted) * (magnitude / torch.linalg.norm(W_adapted, dim=1)) + b
+""",
+    "rslora ignored": """
+def dora_forward(x, W, b, A, B, magnitude, alpha, rslora=False):
+    W_adapted = W + alpha / A.shape[0] * (B @ A)
+    return F.linear(x, W_adapted) * (magnitude / torch.linalg.norm(W_adapted, dim=1).detach()) + b
+""",
+    "bias rescaled": """
+def dora_forward(x, W, b, A, B, magnitude, alpha, rslora=False):
+    r = A.shape[0]
+    scaling = alpha / math.sqrt(r) if rslora else alpha / r
+    W_adapted = W + scaling * (B @ A)
+    return F.linear(x, W_adapted, b) * (magnitude / torch.linalg.norm(W_adapted, dim=1).detach())
+""",
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(DORA_WRONG))
+def test_dora_check_rejects_more_mistakes(mistake):
+    from labkit.check import ExerciseError
+
+    with pytest.raises(ExerciseError) as e:
+        notebook.run_exercise(NB, 1, DORA_WRONG[mistake])
+    print(f"\n{mistake}: {str(e.value).splitlines()[0][:120]}")
+
+
+def test_explore_nf4_blocksize():
+    """The exploration: a larger block gives a larger error (and fewer bits); outliers make it worse."""
+    import matplotlib.pyplot as plt
+
+    ns = notebook.load(NB, ("model", "explore"))
+    view = ns["explore_nf4_blocksize"]()
+    assert view.values == {"blocksize": 64, "outlier_share": 0.002, "outlier_size": 10.0}
+    small, large = view.set(blocksize=32), view.set(blocksize=1024)
+    print(f"\nblock 32: {small['error']:.4f} at {small['bits']:.3f} bits; block 1024: {large['error']:.4f} at "
+          f"{large['bits']:.3f} bits")
+    assert large["error"] > small["error"] + 0.05 and large["bits"] < small["bits"]
+    assert all(a < b for a, b in zip(large["errors"], large["errors"][1:]))       # the curve rises with the block
+    assert abs(sum(large["code_share"]) - 1) < 1e-6
+    gaussian = view.set(outlier_share=0.0)
+    assert gaussian["error"] < large["error"] - 0.05                                # outliers cost the large block most
+    fig = view.figure()
+    assert isinstance(fig, plt.Figure)
+    plt.close(fig)
 
 
 def test_wrong_answers_are_rejected():

@@ -3,7 +3,8 @@
 References: `transformers` `MambaMixer` and `MambaForCausalLM` on their pure-PyTorch slow path (no mamba-ssm /
 causal-conv1d needed; they print that they fall back), and `mambapy`'s parallel scan when it is installed.
 Internal: sequential = parallel (any chunk size, with and without recomputation) = recurrent steps; cached
-decoding = full forward. Every comparison prints its max error; tolerances are for float32.
+decoding = full forward. Every comparison prints its max error; tolerances are for float32. Each exercise check
+rejects plausible wrong answers; the memory explorer remembers fewer steps as Δ grows.
 """
 
 from functools import partial
@@ -211,41 +212,130 @@ def test_benchmark_function_runs(ch):
 
 # --------------------------------------------------------------------------- the exercises' wrong answers
 WRONG_ANSWERS = {
-    # Euler's method instead of the zero-order hold: Ā = 1 + ΔA
-    0: '''
-def zoh(delta, A, B):
-    dA = 1 + delta[..., None] * A
-    dB = delta[..., None] * B[..., None, :]
-    return dA, dB
-''',
-    # reads the output from the state *before* the update (off by one step)
-    1: '''
-def scan_loop(dA, dBx, C):
-    h = torch.zeros_like(dA[:, 0])
-    ys = []
-    for t in range(dA.shape[1]):
-        ys.append(torch.einsum("ben,bn->be", h, C[:, t]))
-        h = dA[:, t] * h + dBx[:, t]
-    return torch.stack(ys, dim=1)
-''',
+    # exp(ΔA) - 1 computed through exp: right algebra, two correct digits left at Δ = 1e-5 (cancellation)
+    0: """
+def zoh_exact(delta, A, B):
+    dtA = delta[..., None] * A
+    return torch.exp(dtA), (torch.exp(dtA) - 1) / A * B[..., None, :]
+""",
+    # ∂L/∂Ā_t taken as g_t h_t: the state after the step instead of the one Ā_t multiplies
+    1: """
+def scan_backward(dA, u, C, grad_y):
+    L = dA.shape[1]
+    h, states = torch.zeros_like(u[:, 0]), []
+    for t in range(L):
+        h = dA[:, t] * h + u[:, t]
+        states.append(h)
+    grad_dA, grad_u, grad_C = torch.zeros_like(dA), torch.zeros_like(u), torch.zeros_like(C)
+    g = torch.zeros_like(h)
+    for t in reversed(range(L)):
+        if t + 1 < L:
+            g = dA[:, t + 1] * g
+        g = g + grad_y[:, t, :, None] * C[:, t, None, :]
+        grad_u[:, t] = g
+        grad_dA[:, t] = g * states[t]
+        grad_C[:, t] = torch.einsum("be,ben->bn", grad_y[:, t], states[t])
+    return grad_dA, grad_u, grad_C
+""",
     # "same" padding as for images: the output sees one step of the future
-    2: '''
+    2: """
 def causal_conv_shifts(x, weight, bias):
     k = weight.shape[-1]
     return F.conv1d(x, weight, bias, padding=k // 2, groups=x.shape[1])[..., :x.shape[-1]]
-''',
-    # the convolution window in the wrong order: the newest input first
-    3: '''
-def mixer_step(mixer, x_t, conv_state, ssm_state):
-    x, z = mixer.in_proj(x_t).chunk(2, dim=-1)
-    window = torch.cat([x[..., None], conv_state], dim=-1)
-    x = F.silu((window * mixer.conv1d.weight[:, 0]).sum(-1) + mixer.conv1d.bias)
-    delta, B, C = mixer.ssm_parameters(x)
-    y, ssm_state = selective_scan_step(ssm_state, x, delta, -torch.exp(mixer.A_log), B, C, mixer.D)
-    return mixer.out_proj(y * F.silu(z)), window[..., :-1], ssm_state
-''',
+""",
+    # the positions are not sorted: the answers come in the order drawn, not the order they appear
+    3: """
+def selective_copying(batch_size, seq_len, n_memorize, vocab_size, generator):
+    positions = torch.rand(batch_size, seq_len, generator=generator).argsort(dim=1)[:, :n_memorize]
+    data = torch.randint(2, vocab_size, (batch_size, n_memorize), generator=generator)
+    inputs = torch.zeros(batch_size, seq_len + n_memorize, dtype=torch.long)
+    inputs.scatter_(1, positions, data)
+    inputs[:, seq_len:] = 1
+    targets = torch.full_like(inputs, -1)
+    targets[:, seq_len:] = data
+    return inputs, targets
+""",
+}
+
+MORE_WRONG_ANSWERS = {
+    # Mamba's own simplification B̄ = ΔB: not the exact hold
+    "zoh-simplified": (0, """
+def zoh_exact(delta, A, B):
+    return torch.exp(delta[..., None] * A), delta[..., None] * B[..., None, :]
+"""),
+    # the backward recurrence multiplies by Ā_t instead of Ā_{t+1}
+    "scan-backward-shift": (1, """
+def scan_backward(dA, u, C, grad_y):
+    L = dA.shape[1]
+    h, states = torch.zeros_like(u[:, 0]), []
+    for t in range(L):
+        h = dA[:, t] * h + u[:, t]
+        states.append(h)
+    grad_dA, grad_u, grad_C = torch.zeros_like(dA), torch.zeros_like(u), torch.zeros_like(C)
+    g = torch.zeros_like(h)
+    for t in reversed(range(L)):
+        g = dA[:, t] * g + grad_y[:, t, :, None] * C[:, t, None, :]
+        grad_u[:, t] = g
+        if t > 0:
+            grad_dA[:, t] = g * states[t - 1]
+        grad_C[:, t] = torch.einsum("be,ben->bn", grad_y[:, t], states[t])
+    return grad_dA, grad_u, grad_C
+"""),
+    # next-token habit: the answers shifted one position left, onto the last noise position
+    "copying-shifted": (3, """
+def selective_copying(batch_size, seq_len, n_memorize, vocab_size, generator):
+    positions = torch.rand(batch_size, seq_len, generator=generator).argsort(dim=1)[:, :n_memorize].sort(1).values
+    data = torch.randint(2, vocab_size, (batch_size, n_memorize), generator=generator)
+    inputs = torch.zeros(batch_size, seq_len + n_memorize, dtype=torch.long)
+    inputs.scatter_(1, positions, data)
+    inputs[:, seq_len:] = 1
+    targets = torch.full_like(inputs, -1)
+    targets[:, seq_len - 1:-1] = data
+    return inputs, targets
+"""),
+    # data drawn from 2..vocab_size-2: randint's high end is exclusive already
+    "copying-off-by-one": (3, """
+def selective_copying(batch_size, seq_len, n_memorize, vocab_size, generator):
+    positions = torch.rand(batch_size, seq_len, generator=generator).argsort(dim=1)[:, :n_memorize].sort(1).values
+    data = torch.randint(2, vocab_size - 1, (batch_size, n_memorize), generator=generator)
+    inputs = torch.zeros(batch_size, seq_len + n_memorize, dtype=torch.long)
+    inputs.scatter_(1, positions, data)
+    inputs[:, seq_len:] = 1
+    targets = torch.full_like(inputs, -1)
+    targets[:, seq_len:] = data
+    return inputs, targets
+"""),
 }
 
 
 def test_wrong_answers_are_rejected():
     assert_wrong_answers_fail(NB, WRONG_ANSWERS)
+
+
+@pytest.mark.parametrize("name", list(MORE_WRONG_ANSWERS))
+def test_more_wrong_answers_are_rejected(name):
+    from labkit.check import ExerciseError
+
+    index, source = MORE_WRONG_ANSWERS[name]
+    with pytest.raises(ExerciseError):
+        labkit.notebook.run_exercise(NB, index, source)
+
+
+def test_memory_explorer_remembers_less_with_larger_steps():
+    import matplotlib.figure
+
+    ex = labkit.notebook.load(NB, ("model", "explore"))
+    torch.manual_seed(0)
+    model = ex["MambaLM"](ex["MambaConfig"].preset("mamba-tiny")).eval()     # untrained: Δ from the init range
+    idx = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(1))
+    view = ex["explore_memory"](model, idx)
+    small, large = view.set(delta_scale=0.2), view.set(delta_scale=5.0)
+    print(f"\nsteps kept above 1/e: Δ × 0.2 {small['span']}; Δ × 5 {large['span']}")
+    assert all(a >= b for a, b in zip(small["span"], large["span"])) and sum(small["span"]) > sum(large["span"])
+    left = large["left"]
+    assert torch.allclose(left[:, -1], torch.ones(len(left)))            # the last step: nothing decayed yet
+    assert bool((left[:, 1:] >= left[:, :-1]).all())                     # older inputs: less is left
+    assert bool((left[-1] <= left[0] + 1e-7).all())                      # the fastest state forgets first
+    r = view.set(layer=1, channel=5, delta_scale=1.0)
+    assert r["delta"].shape == (40,) and bool((r["delta"] > 0).all())
+    assert isinstance(view.figure(), matplotlib.figure.Figure)

@@ -244,20 +244,52 @@ def test_tokenize_to_file(tmp_path):
     assert torch.equal(again, ids)
 
 
+_KV_CACHED = '''
+@torch.no_grad()
+def generate_cached(model, idx, max_new_tokens):
+    B, T0 = idx.shape
+    if T0 + max_new_tokens > model.config.block_size:
+        raise ValueError("too long")
+    cache = [None] * len(model.h)
+    new, out, past = idx, idx, 0
+    for _ in range(max_new_tokens):
+        T = new.size(1)
+        x = model.wte(new) + model.wpe(torch.arange(past, past + T))
+        for i, block in enumerate(model.h):
+            attn, C = block.attn, x.size(-1)
+            q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+            if cache[i] is not None:
+                k, v = torch.cat([cache[i][0], k], dim=2), torch.cat([cache[i][1], v], dim=2)
+            cache[i] = (k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            x = x + block.mlp(block.ln_2(x))
+        past += T
+        new = model.lm_head(model.ln_f(x[:, -1])).argmax(dim=-1, keepdim=True)
+        out = torch.cat([out, new], dim=1)
+    return out
+'''
+
 WRONG_ANSWERS = {
-    # 0: the mask transposed: each position sees the future instead of the past
-    0: "def causal_mask(T):\n    return torch.triu(torch.ones(T, T, dtype=torch.bool))\n",
-    # 1: forgot the 1/sqrt(d) scaling of the scores
-    1: ("def attention(q, k, v, mask):\n"
-        "    scores = (q @ k.transpose(-2, -1)).masked_fill(~mask, float('-inf'))\n"
-        "    return scores.softmax(dim=-1) @ v\n"),
-    # 2: multiplies by the temperature instead of dividing
-    2: ("def sample_next(logits, temperature=1.0, top_k=None, generator=None):\n"
-        "    logits = logits * temperature\n"
-        "    if top_k is not None:\n"
-        "        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]\n"
-        "        logits = logits.masked_fill(logits < kth, float('-inf'))\n"
-        "    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)\n"),
+    # 0: an absolute threshold (p >= min_p) instead of one relative to the most likely token
+    0: ("def min_p_filter(logits, min_p):\n"
+        "    return logits.masked_fill(logits.softmax(dim=-1) < min_p, float('-inf'))\n"),
+    # 1: is_causal=True at every step: with one query and past + 1 keys, SDPA's top-left triangle lets the new
+    #    token see key 0 only
+    1: _KV_CACHED,
+    # 2: ranks the continuations by the new token's log-probability alone, forgetting the beam's score
+    2: ('''
+@torch.no_grad()
+def beam_search(model, idx, max_new_tokens, num_beams):
+    beams = idx
+    for _ in range(max_new_tokens):
+        logp = F.log_softmax(model(beams[:, -model.config.block_size:])[0][:, -1], dim=-1)
+        V = logp.size(-1)
+        best = logp.flatten().topk(min(num_beams, logp.numel()))
+        beams = torch.cat([beams[best.indices // V], (best.indices % V)[:, None]], dim=1)
+    return beams[:1]
+'''),
     # 3: counts lm_head as a separate V x C matrix (ignores the weight tying)
     3: ("def count_params(config):\n"
         "    V, T, L, C, b = config.vocab_size, config.block_size, config.n_layer, config.n_embd, int(config.bias)\n"
@@ -271,10 +303,60 @@ def test_wrong_answers_are_caught():
     assert_wrong_answers_fail(NB, WRONG_ANSWERS)
 
 
-def test_top_k_wrong_answer_is_caught():
-    """A second plausible mistake for exercise 3: `<=` drops the k-th largest logit itself."""
+@pytest.mark.parametrize("mistake,replacement", [
+    # the positions restart at 0 for every new token
+    ("position offset", ("torch.arange(past, past + T)", "torch.arange(T)")),
+    # a mask for one query over all keys: right tokens, but still no cache (the whole context every step)
+    ("no cache", None),
+])
+def test_more_kv_cache_mistakes_are_caught(mistake, replacement):
     from labkit.check import ExerciseError
 
-    src = WRONG_ANSWERS[2].replace("logits * temperature", "logits / temperature").replace("logits < kth", "logits <= kth")
-    with pytest.raises(ExerciseError):
-        notebook.run_exercise(NB, 2, src)
+    if replacement is not None:
+        src = _KV_CACHED.replace("is_causal=True", "attn_mask=torch.ones(T, past + T, dtype=torch.bool).tril(past)")
+        src = src.replace(*replacement)
+    else:
+        src = ("@torch.no_grad()\n"
+               "def generate_cached(model, idx, max_new_tokens):\n"
+               "    if idx.size(1) + max_new_tokens > model.config.block_size:\n"
+               "        raise ValueError('too long')\n"
+               "    return model.generate(idx, max_new_tokens, temperature=0)\n")
+    with pytest.raises(ExerciseError) as e:
+        notebook.run_exercise(NB, 1, src)
+    print(f"{mistake}: {str(e.value).splitlines()[0][:120]}")
+
+
+def test_correct_kv_cache_variant_passes():
+    """The mask written out (instead of the solution's) passes: the check tests behaviour, not one spelling."""
+    src = _KV_CACHED.replace("is_causal=True", "attn_mask=torch.ones(T, past + T, dtype=torch.bool).tril(past)")
+    notebook.run_exercise(NB, 1, src)
+
+
+def test_sampling_explorer():
+    """The exploration on an untrained model: lower temperature, lower entropy; top_k=1 is greedy (0 bits);
+    top_k=3 caps each draw at log2(3) bits; the figure is a matplotlib Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import labkit.data
+
+    ns = notebook.load(NB, ("model", "explore"))
+    text = "def f(x):\n    return x + 1\n" * 20
+    tok = labkit.data.CharTokenizer.from_text(text)
+    torch.manual_seed(0)
+    model = ns["GPT"](ns["GPTConfig"].preset("gpt-nano", vocab_size=tok.vocab_size, block_size=32))
+    view = ns["explore_sampling"](model, tok, prompt="def ", n=40)
+    assert view.values == {"temperature": 0.8, "top_k": 0}
+    cold = view.set(temperature=0.2)["mean_entropy_bits"]
+    hot = view.set(temperature=1.5)["mean_entropy_bits"]
+    print(f"\nmean entropy: {cold:.3f} bits at temperature 0.2, {hot:.3f} at 1.5")
+    assert cold < hot - 0.5
+    greedy = view.set(temperature=1.0, top_k=1)
+    assert greedy["mean_entropy_bits"] == 0.0
+    assert greedy["sample"] == tok.decode(model.generate(torch.as_tensor(tok.encode("def "))[None].long(), 40, temperature=0)[0].tolist())
+    assert max(view.set(top_k=3)["entropy_bits"]) <= math.log2(3) + 1e-6
+    fig = view.figure()
+    assert isinstance(fig, matplotlib.figure.Figure)
+    plt.close(fig)

@@ -6,7 +6,8 @@ those of `transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock` (5
 Outputs, router logits and gradients must agree in float32; the load-balancing loss must equal
 `load_balancing_loss_func` (transformers' top-k convention: 2.0 for a uniform router at top-2). Internal
 equivalences: dropless dispatch = capacity dispatch without drops = the dense every-expert reference;
-the GPT with E = 1 is a dense SwiGLU model; each exercise check rejects a plausible wrong answer.
+the GPT with E = 1 is a dense SwiGLU model; each exercise check rejects a plausible wrong answer; the
+capacity explorer drops fewer assignments as the capacity factor grows, none at E/k.
 """
 
 from functools import partial
@@ -219,55 +220,82 @@ def test_router_runs_in_float32_under_autocast(ns):
 
 
 WRONG_ANSWERS = {
-    # top-k of the softmax without renormalising (Switch's top-1 weight, wrong for Mixtral's top-k)
-    0: '''
-def route(logits, k):
-    return logits.softmax(dim=-1).topk(k, dim=-1)
-''',
-    # Switch's normalisation by the number of assignments N·k: 1.0 for a uniform router, k times too small
-    1: '''
-def balance_loss(logits, k):
-    N, E = logits.shape
-    probs = logits.softmax(dim=-1)
-    chosen = torch.zeros(N, E).scatter(1, probs.topk(k, dim=-1).indices, 1.0)
-    return E * (chosen.sum(dim=0) / (N * k) * probs.mean(dim=0)).sum()
-''',
-    # groups by expert but forgets to weight the experts' outputs by the router
-    2: '''
-def dispatch_combine(x, weights, experts, expert_fn, n_expert):
-    y = torch.zeros_like(x)
-    for e in range(n_expert):
-        token, slot = torch.where(experts == e)
-        if len(token):
-            y.index_add_(0, token, expert_fn(x[token], e))
-    return y
-''',
-    # token-major queues: a token's second choice can take the slot another token's first choice needed
-    3: '''
-def queue_position(experts, n_expert):
-    N, k = experts.shape
-    onehot = F.one_hot(experts.reshape(-1), n_expert)
-    before = onehot.cumsum(dim=0) - onehot
-    return (before * onehot).sum(dim=1).view(N, k)
-''',
+    # the softmax over the tokens instead of over the experts: each expert's scores sum to 1 over the batch
+    0: """
+def expert_choice(logits, capacity):
+    scores = logits.float().softmax(dim=0)
+    weights, tokens = scores.t().topk(capacity, dim=-1)
+    return weights, tokens
+""",
+    # queues by priority, but ascending: the least confident tokens are served first
+    1: """
+def priority_kept(experts, priority, n_expert, capacity):
+    order = priority.argsort(stable=True)
+    position = torch.empty_like(experts)
+    position[order] = queue_positions(experts[order], n_expert)
+    return position < capacity
+""",
+    # the bias leaks into the weights: the experts are mixed by p + b instead of p
+    2: """
+def biased_route(logits, bias, k):
+    scores = logits.float().softmax(dim=-1) + bias
+    weights, experts = scores.topk(k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+def update_bias(bias, experts, n_expert, rate):
+    load = torch.bincount(experts.flatten(), minlength=n_expert).to(bias.dtype)
+    return bias + rate * torch.sign(experts.numel() / n_expert - load)
+""",
 }
 
-# a correct sum computed token by token: rejected by the call count of exercise 3
-PER_TOKEN_LOOP = '''
-def dispatch_combine(x, weights, experts, expert_fn, n_expert):
-    rows = []
-    for n in range(x.size(0)):
-        rows.append(sum(weights[n, j] * expert_fn(x[n:n + 1], int(experts[n, j]))[0] for j in range(experts.size(1))))
-    return torch.stack(rows)
-'''
+# a correct route with the update's sign flipped: the busy experts get busier (the 300-step loop catches it)
+SIGN_FLIPPED = """
+def biased_route(logits, bias, k):
+    probs = logits.float().softmax(dim=-1)
+    experts = (probs + bias).topk(k, dim=-1).indices
+    weights = probs.gather(-1, experts)
+    return weights / weights.sum(dim=-1, keepdim=True), experts
+
+
+def update_bias(bias, experts, n_expert, rate):
+    load = torch.bincount(experts.flatten(), minlength=n_expert).to(bias.dtype)
+    return bias - rate * torch.sign(experts.numel() / n_expert - load)
+"""
+
+# token-order queues (the chapter's own queue_positions): right count of drops, wrong tokens dropped
+TOKEN_ORDER = """
+def priority_kept(experts, priority, n_expert, capacity):
+    return queue_positions(experts, n_expert) < capacity
+"""
 
 
 def test_wrong_answers_are_rejected():
     assert_wrong_answers_fail(NB, WRONG_ANSWERS)
 
 
-def test_per_token_loop_is_rejected():
+@pytest.mark.parametrize("index,source", [(2, SIGN_FLIPPED), (1, TOKEN_ORDER)], ids=["sign-flipped", "token-order"])
+def test_more_wrong_answers_are_rejected(index, source):
     from labkit.check import ExerciseError
 
-    with pytest.raises(ExerciseError, match="once"):
-        notebook.run_exercise(NB, 2, PER_TOKEN_LOOP)
+    with pytest.raises(ExerciseError):
+        notebook.run_exercise(NB, index, source)
+
+
+def test_capacity_explorer_drops_fewer_with_more_capacity():
+    import matplotlib.figure
+
+    ex = notebook.load(NB, ("model", "explore"))
+    torch.manual_seed(0)
+    config = ex["MoEConfig"].preset("tiny")
+    model = ex["MoEGPT"](config)                                       # untrained: a near-uniform random router
+    idx = torch.randint(config.vocab_size, (8, config.block_size), generator=torch.Generator().manual_seed(1))
+    view = ex["explore_capacity"]({"untrained": model}, idx)
+    tight, loose = view.set(capacity_factor=0.75)["dropped"], view.set(capacity_factor=1.5)["dropped"]
+    print(f"\ndropped at c = 0.75: {tight:.3f}; at c = 1.5: {loose:.3f}")
+    assert tight > loose and tight > 0.2                               # c < 1 always drops at least 1 - c
+    assert view.set(capacity_factor=config.n_expert / config.top_k)["dropped"] == 0   # E/k: room for everyone
+    r = view.set(capacity_factor=1.0, layer=0)
+    assert sum(r["kept"]) + round(r["dropped"] * sum(r["load"])) == sum(r["load"]) == idx.numel() * config.top_k
+    assert max(r["kept"]) <= r["capacity"]
+    assert isinstance(view.figure(), matplotlib.figure.Figure)

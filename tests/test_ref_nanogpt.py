@@ -295,19 +295,33 @@ def test_lm_corpus_full_on_local_files(tmp_path):
     with pytest.raises(ValueError, match="shard_dir"):
         lm_corpus("full", tokenizer=Bytes(), source=str(folder))
 
+_ROPE = '''
+def apply_rope(x, positions, base=10000.0):
+    d = x.size(-1)
+    theta = base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    angle = positions.float()[:, None] * theta[None, :]
+    cos, sin = angle.cos(), angle.sin()
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+'''
+
+_ACCUMULATE = '''
+def accumulate_gradients(model, x, y, grad_accum):
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for x_i, y_i in zip(x.chunk(grad_accum), y.chunk(grad_accum)):
+        _, loss_i = model(x_i, y_i)
+        (loss_i / grad_accum).backward()
+        total += loss_i.item() / grad_accum
+    return total
+'''
+
 WRONG_ANSWERS = {
-    # reshape keeps the shape right but scrambles the matrix (a transpose is not a reshape)
-    0: '''
-def conv1d_to_linear_weight(w):
-    return w.reshape(w.shape[1], w.shape[0])
-''',
-    # "decay everything called weight" also decays the LayerNorm gains
-    1: '''
-def decay_groups(model, weight_decay):
-    named = list(model.named_parameters())
-    return [{"params": [p for n, p in named if n.endswith("weight")], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if not n.endswith("weight")], "weight_decay": 0.0}]
-''',
+    # RoFormer's interleaved pairs (2i, 2i+1): the relative-position property holds, but it is not the rotate-half
+    # layout of LLaMA / transformers that the exercise asks for
+    0: _ROPE,
+    # the usual accumulation, loss / grad_accum: right only when every micro-batch scores as many targets
+    1: _ACCUMULATE,
     # cosine that decays to zero, ignoring min_lr
     2: '''
 def lr_schedule(step, max_lr, min_lr, warmup_steps, max_steps):
@@ -329,3 +343,79 @@ def top_p_filter(logits, p):
 
 def test_wrong_answers_are_rejected():
     assert_wrong_answers_fail(NB, WRONG_ANSWERS)
+
+
+_ROPE_HALF = (_ROPE.replace("x[..., 0::2], x[..., 1::2]", "x[..., : d // 2], x[..., d // 2:]")
+              .replace("torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)",
+                       "torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)"))
+
+
+@pytest.mark.parametrize("index,mistake,source", [
+    # theta_i = base^(-i/d): every frequency wrong but the first (only the comparison with transformers sees it)
+    (0, "exponent i/d", _ROPE_HALF.replace("torch.arange(0, d, 2, dtype=torch.float32) / d",
+                                           "torch.arange(d // 2, dtype=torch.float32) / d")),
+    # positions ignored: rows rotated by 0, 1, 2, ... whatever positions says
+    (0, "positions ignored", _ROPE_HALF.replace("positions.float()", "torch.arange(x.size(-2)).float()")),
+    # the rotation's sign flipped: rotates by -m theta
+    (0, "rotation by -angle", _ROPE_HALF.replace("a * cos - b * sin, a * sin + b * cos",
+                                                 "a * cos + b * sin, b * cos - a * sin")),
+    # no zero_grad: the stale gradients of an earlier step are added in
+    (1, "no zero_grad", _ACCUMULATE.replace("    model.zero_grad(set_to_none=True)\n", "").replace(
+        "(loss_i / grad_accum)", "(loss_i * (y_i != -1).sum() / (y != -1).sum())").replace(
+        "loss_i.item() / grad_accum", "(loss_i * (y_i != -1).sum() / (y != -1).sum()).item()")),
+    # one forward/backward on the whole batch: the right gradient, but no accumulation
+    (1, "no micro-batches", "def accumulate_gradients(model, x, y, grad_accum):\n    model.zero_grad()\n"
+                            "    loss = model(x, y)[1]\n    loss.backward()\n    return loss.item()\n"),
+])
+def test_more_mistakes_are_caught(index, mistake, source):
+    from labkit.check import ExerciseError
+
+    with pytest.raises(ExerciseError) as e:
+        notebook.run_exercise(NB, index, source)
+    print(f"{mistake}: {str(e.value).splitlines()[0][:120]}")
+
+
+def test_correct_variants_pass():
+    """Differently written right answers pass: the checks test behaviour, not one spelling."""
+    notebook.run_exercise(NB, 0, _ROPE_HALF)
+    weighted = (_ACCUMULATE.replace("(loss_i / grad_accum)", "(loss_i * (y_i != -1).sum() / (y != -1).sum())")
+                .replace("loss_i.item() / grad_accum", "(loss_i * (y_i != -1).sum() / (y != -1).sum()).item()"))
+    notebook.run_exercise(NB, 1, weighted)
+
+
+def test_attention_explorer():
+    """The exploration on an untrained model: each map is causal and row-stochastic, equals the explicit
+    attention's weights for that layer and head, and changes with the layer and the head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = notebook.load(NB, ("model", "explore"))
+    torch.manual_seed(0)
+    model = ns["GPT"](ns["GPTConfig"](block_size=32, vocab_size=50, n_layer=3, n_head=4, n_embd=32))
+    ids = torch.randint(50, (1, 20), generator=torch.Generator().manual_seed(0))
+    view = ns["explore_attention"](model, ids, [str(i) for i in ids[0].tolist()])
+    assert view.values == {"layer": 0, "head": 0}
+    assert view.controls["layer"].choices == [0, 1, 2] and view.controls["head"].choices == [0, 1, 2, 3]
+
+    # the weights of layer 1, head 2, from the explicit formula on that layer's input
+    x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(20))
+    x = model.transformer.h[0](x)
+    block = model.transformer.h[1]
+    q, k, _ = block.attn.c_attn(block.ln_1(x)).split(32, dim=2)
+    q, k = (t.view(1, 20, 4, 8).transpose(1, 2)[0, 2] for t in (q, k))
+    expected = (q @ k.t() / math.sqrt(8)).masked_fill(~torch.ones(20, 20, dtype=torch.bool).tril(), float("-inf"))
+    expected = expected.softmax(dim=-1)
+
+    first = view.result["weights"]
+    got = view.set(layer=1, head=2)["weights"]
+    assert got.shape == (20, 20)
+    torch.testing.assert_close(got, expected.detach(), atol=1e-6, rtol=1e-5)
+    assert torch.allclose(got.sum(-1), torch.ones(20)) and torch.equal(got.triu(1), torch.zeros(20, 20))
+    assert not torch.allclose(got, first), "another layer and head should attend differently"
+    assert not torch.allclose(view.set(head=3)["weights"], got)
+    assert 0 <= view.result["previous_token_share"] <= 1 and view.result["mean_entropy_bits"] > 0
+    fig = view.figure()
+    assert isinstance(fig, matplotlib.figure.Figure)
+    plt.close(fig)

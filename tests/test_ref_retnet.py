@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import labkit.notebook
+from labkit.check import ExerciseError
 
 from .grads import report
 from .test_exercises import assert_wrong_answers_fail
@@ -268,38 +269,131 @@ def test_benchmark_function_runs(ch):
         assert all(len(v) == 2 and all(x > 0 for x in v) for v in out[key].values()), key
 
 
+# --------------------------------------------------------------------------- the exercises against torchscale
+def _exercise_ns(index):
+    """The `model` cells plus exercise `index`'s solution."""
+    ns = labkit.notebook.load(NB, ("model",))
+    return labkit.notebook.run_sources([labkit.notebook.exercises(NB)[index][0]], ns)
+
+
+def test_exercise_normalised_retention_matches_torchscale(torchscale):
+    """Exercise 1's solution = torchscale's parallel_forward with RetNetRelPos's normalised decay mask."""
+    from torchscale.architecture.retnet import RetNetRelPos
+    from torchscale.component.multiscale_retention import MultiScaleRetention
+
+    ns = _exercise_ns(0)
+    b, h, T, dk, dv = 2, 4, 23, 8, 6
+    cfg = torchscale.RetNetConfig(decoder_embed_dim=h * dk, decoder_value_embed_dim=h * dv, decoder_retention_heads=h)
+    msr = MultiScaleRetention(cfg, h * dk, h * dv, h)
+    _, mask = RetNetRelPos(cfg)(T)                                   # (h, T, T): D / sqrt(row sums)
+    g = torch.Generator().manual_seed(0)
+    for size in (0.05, 1.0, 20.0):                                   # |Σ R| below and above 1
+        q, k = size * torch.randn(b, h, T, dk, generator=g), torch.randn(b, h, T, dk, generator=g) / dk ** 0.5
+        v = torch.randn(b, h, T, dv, generator=g)
+        expected = msr.parallel_forward(q, k, v.transpose(1, 2).reshape(b, T, h * dv), mask)   # (b, T, h, dv)
+        _report(f"retention_normalised vs torchscale parallel_forward (|q| x{size:g})",
+                ns["retention_normalised"](q, k, v, ns["retention_gammas"](h)), expected.transpose(1, 2))
+
+
+def test_exercise_xpos_matches_torchscale(torchscale):
+    """Exercise 3's solution gives torchscale's XPOS scores. torchscale centres the scale's positions on the
+    sequence (a constant factor per channel that cancels between query and key), so compare q_n · k_m."""
+    from torchscale.component.xpos_relative_position import XPOS
+
+    ns = _exercise_ns(2)
+    T, d = 37, 16
+    ref = XPOS(d, scale_base=64)
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, T, d, generator=g), torch.randn(1, T, d, generator=g)
+    pos = torch.arange(T)
+    ours = ns["xpos"](q, pos, 64) @ ns["xpos"](k, pos, 64, downscale=True).transpose(-1, -2)
+    theirs = ref(q) @ ref(k, downscale=True).transpose(-1, -2)
+    _report("xpos scores q_n · k_m vs torchscale XPOS", ours, theirs, atol=1e-4, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- the exercises' wrong answers
 WRONG_ANSWERS = {
-    # no causal zeros: γ^|n-m| everywhere, so every token also retains the future
+    # D divided by its row sums instead of their square roots: the same wherever |Σ R| > 1, wrong where it is clamped
     0: '''
-def my_decay_mask(T, gammas):
-    n = torch.arange(T, dtype=torch.float32)
-    return gammas[:, None, None] ** (n[:, None] - n[None, :]).abs()
+def retention_normalised(q, k, v, gammas):
+    D = decay_mask(q.shape[-2], gammas)
+    D = D / D.sum(-1, keepdim=True)
+    R = (q @ k.transpose(-1, -2)) * D
+    return R / R.sum(-1, keepdim=True).abs().clamp(min=1) @ v
 ''',
-    # reads the output from the state before the update: token t does not see itself
+    # off by one: the product runs over m <= i <= n, so token m is decayed by its own γ_m too
     1: '''
-def my_retention_step(q_t, k_t, v_t, S, gammas):
-    o = torch.einsum("bhk,bhkv->bhv", q_t, S)
-    S = gammas[:, None, None] * S + torch.einsum("bhk,bhv->bhkv", k_t, v_t)
-    return o, S
+def gated_retention(q, k, v, log_gamma):
+    T = q.shape[-2]
+    c = log_gamma.float().cumsum(-1)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    D = torch.exp((c[..., :, None] - c[..., None, :] + log_gamma[..., None, :]).masked_fill(future, float("-inf")))
+    return (q @ k.transpose(-1, -2) * D) @ v
 ''',
-    # off by one in the cross-chunk decay: γ^j instead of γ^(j+1)
+    # RetNet's own frequencies (i / (d/2 - 1), rotation_frequencies) instead of xPos's i / (d/2)
     2: '''
-def chunk_carry(q_c, k_c, v_c, R, gammas):
-    B = q_c.shape[-2]
-    j = torch.arange(B, dtype=torch.float32)[:, None]
-    g = gammas[:, None, None]
-    cross = (q_c @ R) * g ** j
-    R_next = g ** B * R + k_c.transpose(-1, -2) @ (v_c * g ** (B - 1 - j))
-    return cross, R_next
-''',
-    # the exponent counted from 1: 1 - 2^(-6-h), every head remembers twice as long
-    3: '''
-def my_gammas(n_head):
-    return 1 - 2.0 ** (-5 - torch.arange(1, n_head + 1, dtype=torch.float32))
+def xpos(x, positions, scale_base=512, downscale=False):
+    d = x.shape[-1]
+    i = torch.arange(d // 2, dtype=torch.float32)
+    zeta = ((2 * i + 0.4 * d) / (1.4 * d)).repeat_interleave(2)
+    power = positions.float()[:, None] / scale_base * (-1 if downscale else 1)
+    return rotate(x, positions, rotation_frequencies(d)) * zeta ** power
 ''',
 }
 
 
 def test_wrong_answers_are_rejected():
     assert_wrong_answers_fail(NB, WRONG_ANSWERS)
+
+
+def test_more_wrong_answers_are_rejected():
+    """The clamp forgotten (exercise 1), the causal mask applied after the exp (exercise 2: inf · 0 = NaN), the key's
+    downscale ignored (exercise 3)."""
+    wrong = {0: '''
+def retention_normalised(q, k, v, gammas):
+    D = decay_mask(q.shape[-2], gammas)
+    D = D / D.sum(-1, keepdim=True).sqrt()
+    R = (q @ k.transpose(-1, -2)) * D
+    return R / R.sum(-1, keepdim=True).abs() @ v
+''', 1: '''
+def gated_retention(q, k, v, log_gamma):
+    T = q.shape[-2]
+    c = log_gamma.float().cumsum(-1)
+    D = torch.exp(c[..., :, None] - c[..., None, :]) * torch.ones(T, T).tril()
+    return (q @ k.transpose(-1, -2) * D) @ v
+''', 2: '''
+def xpos(x, positions, scale_base=512, downscale=False):
+    d = x.shape[-1]
+    i = torch.arange(d // 2, dtype=torch.float32)
+    theta = (10000.0 ** (-i / (d // 2))).repeat_interleave(2)
+    zeta = ((2 * i + 0.4 * d) / (1.4 * d)).repeat_interleave(2)
+    return rotate(x, positions, theta) * zeta ** (positions.float()[:, None] / scale_base)
+'''}
+    for i, src in wrong.items():
+        with pytest.raises(ExerciseError):
+            labkit.notebook.run_exercise(NB, i, src)
+
+
+# --------------------------------------------------------------------------- the exploration
+def test_explore_retention_memory_grows_with_head_and_mass(ch):
+    """explore_retention on an untrained tiny RetNet: later heads decay more slowly (longer memory), a larger mass
+    needs more tokens, the retention matrix is causal, and the figure is a matplotlib Figure."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    ns = labkit.notebook.load(NB, ("model", "explore"))
+    torch.manual_seed(0)
+    model = ns["RetNetLM"](ns["RetNetConfig"].preset("retnet-tiny")).eval()
+    idx = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(0))
+    view = ns["explore_retention"](model, idx)
+    first = view.set(layer=0, head=0, mass=0.9)
+    last = view.set(head=3)
+    more = view.set(mass=0.99)
+    print(f"memory at 90 %: head 0 {first['memory']}, head 3 {last['memory']}; head 3 at 99 %: {more['memory']}")
+    assert first["memory"] == 73 and last["memory"] == 589          # ceil(ln 0.1 / ln(1 - 2^-5)), ... (1 - 2^-8)
+    assert more["memory"] > last["memory"] > first["memory"]
+    assert first["scores"].shape == (40, 40) and torch.equal(first["scores"].triu(1), torch.zeros(40, 40))
+    assert not torch.equal(first["scores"], last["scores"])
+    fig = view.figure()
+    assert isinstance(fig, matplotlib.figure.Figure)
+    plt.close(fig)

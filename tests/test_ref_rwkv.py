@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import labkit.notebook
+from labkit.check import ExerciseError
 
 from .grads import backward_same, report
 from .test_exercises import assert_wrong_answers_fail
@@ -289,42 +290,90 @@ def test_benchmark_function_runs(ch):
 
 # --------------------------------------------------------------------------- the exercises' wrong answers
 WRONG_ANSWERS = {
-    # torch.roll wraps the last token around to the front instead of using `last`
+    # the taps the wrong way round (a convolution's weights read as a correlation's): mus[j] weighs x_{t-(K-1-j)}
     0: '''
-def shift_and_mix(x, mu, last):
-    x_prev = torch.roll(x, 1, dims=1)
-    return mu * x + (1 - mu) * x_prev
+def token_shift_k(x, mus, last):
+    K, T = mus.shape[0], x.shape[1]
+    xx = torch.cat([last, x], dim=1)
+    out = sum(mus[K - 1 - j] * xx[:, K - 1 - j:K - 1 - j + T] for j in range(K))
+    return out, xx[:, xx.shape[1] - (K - 1):]
 ''',
-    # the state is not decayed before adding the new token (e^{-w} forgotten)
+    # the state emptied after a document's first token instead of before it: that token reads the last document
     1: '''
-def stable_wkv_step(w, u, k, v, a, b, p):
-    q = torch.maximum(p, u + k)
-    e1, e2 = torch.exp(p - q), torch.exp(u + k - q)
-    y = (e1 * a + e2 * v) / (e1 * b + e2)
-    q = torch.maximum(p, k)
-    e1, e2 = torch.exp(p - q), torch.exp(k - q)
-    return y, e1 * a + e2 * v, e1 * b + e2, q
+def wkv_with_resets(w, u, k, v, reset):
+    B, T, C = k.shape
+    empty = wkv_empty_state(B, C, k.device, k.dtype)
+    state, ys = empty, []
+    for t in range(T):
+        y, state = wkv_step(w, u, k[:, t], v[:, t], state)
+        state = tuple(torch.where(reset[:, t, None], e, s) for e, s in zip(empty, state))
+        ys.append(y)
+    return torch.stack(ys, dim=1)
 ''',
-    # a plain ReLU instead of the squared ReLU
+    # RetNet's order: the state updated first, then read, and no bonus u for the current token
     2: '''
-def channel_mix(ffn, x):
-    x_prev = time_shift(x)
-    k = ffn.key(x * ffn.time_mix_key + x_prev * (1 - ffn.time_mix_key))
-    r = ffn.receptance(x * ffn.time_mix_receptance + x_prev * (1 - ffn.time_mix_receptance))
-    return torch.sigmoid(r) * ffn.value(torch.relu(k))
-''',
-    # the receptance used without its sigmoid
-    3: '''
-def time_mix_step(att, x_t, last_x, wkv_state):
-    def mix(mu):
-        return x_t * mu[0, 0] + last_x * (1 - mu[0, 0])
-    k, v = att.key(mix(att.time_mix_key)), att.value(mix(att.time_mix_value))
-    r = att.receptance(mix(att.time_mix_receptance))
-    y, wkv_state = wkv_step(torch.exp(att.time_decay), att.time_first, k, v, wkv_state)
-    return att.output(r * y), wkv_state
+def wkv5_recurrent(r, k, v, w, u, state=None):
+    B, T, H, N = k.shape
+    S = k.new_zeros(B, H, N, N) if state is None else state
+    ys = []
+    for t in range(T):
+        S = w[..., None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        ys.append((r[:, t, :, None, :] @ S).squeeze(-2))
+    return torch.stack(ys, dim=1), S
 ''',
 }
 
 
 def test_wrong_answers_are_rejected():
     assert_wrong_answers_fail(NB, WRONG_ANSWERS)
+
+
+def test_more_wrong_answers_are_rejected():
+    """Two more mistakes a learner makes: the new state taken from x alone (wrong when x is shorter than K - 1),
+    and documents reset with the first row's flags for every row."""
+    wrong = {0: '''
+def token_shift_k(x, mus, last):
+    K, T = mus.shape[0], x.shape[1]
+    xx = torch.cat([last, x], dim=1)
+    out = sum(mus[j] * xx[:, K - 1 - j:K - 1 - j + T] for j in range(K))
+    return out, x[:, -(K - 1):]
+''', 1: '''
+def wkv_with_resets(w, u, k, v, reset):
+    B, T, C = k.shape
+    empty = wkv_empty_state(B, C, k.device, k.dtype)
+    state, ys = empty, []
+    for t in range(T):
+        state = tuple(torch.where(reset[0, t], e, s) for e, s in zip(empty, state))
+        y, state = wkv_step(w, u, k[:, t], v[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, dim=1)
+'''}
+    for i, src in wrong.items():
+        with pytest.raises(ExerciseError):
+            labkit.notebook.run_exercise(NB, i, src)
+
+
+# --------------------------------------------------------------------------- the exploration
+def test_explore_decay_shows_longer_memory_for_slower_decay():
+    """explore_decay on an untrained tiny model (zero keys at init): layer 0's channel 0 decays at w = e^-5, its last
+    channel at e^3, so the first looks much further back; the figure is a matplotlib Figure."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    ns = labkit.notebook.load(NB, ("model", "explore"))
+    torch.manual_seed(0)
+    model = ns["RWKV"](ns["RWKVConfig"].preset("rwkv-tiny", vocab_size=96)).eval()
+    idx = torch.randint(0, 96, (1, 48), generator=torch.Generator().manual_seed(0))
+    view = ns["explore_decay"](model, idx)
+    slow = view.set(layer=0, channel=0, position=47)
+    assert abs(slow["weights"].sum().item() - 1) < 1e-5 and slow["weights"].shape == (48,)
+    fast = view.set(channel=127)
+    print(f"w = {slow['w']:.3g}: memory {slow['memory']} tokens; w = {fast['w']:.3g}: memory {fast['memory']}")
+    assert slow["w"] < fast["w"] and slow["memory"] > 10 * fast["memory"]
+    early = view.set(channel=0, position=10)
+    assert early["weights"].shape == (11,) and early["memory"] <= 11
+    with_keys = view.set(use_keys=False)                     # the zero-init keys are zero anyway: the same row
+    assert torch.allclose(with_keys["weights"], early["weights"])
+    fig = view.figure()
+    assert isinstance(fig, matplotlib.figure.Figure)
+    plt.close(fig)

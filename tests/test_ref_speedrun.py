@@ -25,13 +25,43 @@ WRONG_ANSWERS = {
         "    z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())\n"
         "    z = z * torch.polar(torch.ones_like(angles), angles)\n"
         "    return torch.view_as_real(z).flatten(-2)\n"),
-    2: ("def wsd_sqrt_multiplier(step, max_steps, cooldown_frac=0.4):\n"
-        "    start = max_steps * (1 - cooldown_frac)\n"
-        "    if step < start:\n        return 1.0\n"
-        "    return math.sqrt(max(0.0, (max_steps - step) / (max_steps - start)))\n"),
-    3: ("def newton_schulz_cubic(G, steps=30):\n    X = G / G.norm()\n"   # the tuned quintic: never exactly U Vᵀ
-        "    for _ in range(steps):\n        A = X @ X.T\n"
-        "        X = 3.4445 * X + (-4.775 * A + 2.0315 * A @ A) @ X\n    return X\n"),
+    # the classic KV-cache bug with rotary: every step rotates the new token as if it stood at position 0
+    2: """
+@torch.no_grad()
+def generate_kv(model, idx, max_new_tokens):
+    cfg, t = model.config, model.transformer
+    B, C, H = idx.shape[0], cfg.n_embd, cfg.n_head
+    d = C // H
+    cache = [None] * cfg.n_layer
+    tokens, new, chosen = idx, idx, []
+    for _ in range(max_new_tokens):
+        T = new.shape[1]
+        x = t.wte(new)
+        for i, block in enumerate(t.h):
+            attn = block.attn
+            q, k, v = (z.view(B, T, H, d).transpose(1, 2) for z in attn.c_attn(block.ln_1(x)).split(C, dim=2))
+            if attn.qk_norm:
+                q, k = F.rms_norm(q, (d,)), F.rms_norm(k, (d,))
+            q, k = apply_rotary(q, attn.cos[:T], attn.sin[:T]), apply_rotary(k, attn.cos[:T], attn.sin[:T])
+            if cache[i] is not None:
+                k, v = torch.cat((cache[i][0], k), dim=2), torch.cat((cache[i][1], v), dim=2)
+            cache[i] = (k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            x = x + attn.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            x = x + block.mlp(block.ln_2(x))
+        logits = model.lm_head(t.ln_f(x[:, -1]))
+        if cfg.softcap:
+            logits = cfg.softcap * torch.tanh(logits / cfg.softcap)
+        chosen.append(logits)
+        new = logits.argmax(-1, keepdim=True)
+        tokens = torch.cat((tokens, new), dim=1)
+    return tokens, torch.stack(chosen, dim=1)
+""",
+    # off by one: `<=` lets each query see window + 1 keys
+    3: ("def sliding_window_attention(q, k, v, window):\n"
+        "    t = torch.arange(q.size(-2))\n"
+        "    distance = t[:, None] - t[None, :]\n"
+        "    return F.scaled_dot_product_attention(q, k, v, attn_mask=(distance >= 0) & (distance <= window))\n"),
 }
 
 
@@ -162,3 +192,23 @@ def test_wsd_multiplier(ns):
 
 def test_wrong_answers_are_caught():
     assert_wrong_answers_fail(NB, WRONG_ANSWERS)
+
+
+def test_newton_schulz_explorer():
+    """The exploration: the cubic converges to U Vᵀ with enough steps, the quintic stays in its band; more quintic
+    steps lift the smallest singular value of a gradient-like matrix."""
+    import matplotlib.figure
+
+    ns_ = notebook.load(NB, ("model", "explore"))
+    view = ns_["explore_newton_schulz"]()
+    assert view.values == {"steps": 5, "polynomial": "quintic (Jordan)", "matrix": "gradient-like"}
+    few = view.set(steps=2)["min_sv"]
+    more = view.set(steps=10)["min_sv"]
+    assert more > 10 * few
+    cubic = {s: view.set(polynomial="cubic (1.5, −0.5)", matrix="Gaussian", steps=s)["error"] for s in (3, 20)}
+    quintic = view.set(polynomial="quintic (Jordan)", matrix="Gaussian", steps=20)["error"]
+    print(f"\nmin σ after 2 / 10 quintic steps {few:.2g} / {more:.2g}; Gaussian max |σ − 1|: cubic 3 steps "
+          f"{cubic[3]:.2g}, 20 steps {cubic[20]:.1e}; quintic 20 steps {quintic:.2g}")
+    assert cubic[20] < 1e-6 < 0.1 < cubic[3]
+    assert 0.05 < quintic < 0.35                                  # never exactly 1: the band
+    assert isinstance(view.figure(), matplotlib.figure.Figure)

@@ -335,33 +335,74 @@ def test_hub_images_offline_says_what_to_do(ns, hub_offline):
 
 # ------------------------------------------------------------------------------------------------ exercises
 WRONG_ANSWERS = {
-    # forgot the square roots: mixes with weights ᾱ and 1 − ᾱ (variances, not standard deviations)
+    # v with the wrong sign convention (√(1−ᾱ) x₀ − √ᾱ ε): the inversion is consistent with it, diffusers' is not
     0: """
-def q_sample(x0, t, noise, alphas_cumprod):
-    a = alphas_cumprod[t].reshape(-1, *([1] * (x0.dim() - 1)))
-    return a * x0 + (1 - a) * noise
+def v_target(x0, noise, alpha_bar):
+    return (1 - alpha_bar).sqrt() * x0 - alpha_bar.sqrt() * noise
+
+
+def v_to_x0_eps(v, x_t, alpha_bar):
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return a * x_t + s * v, s * x_t - a * v
 """,
-    # sines first: the Transformer paper's order, not flip_sin_to_cos (the U-Net's MLP would see other features)
+    # shifts and scales ᾱ instead of √ᾱ: ᾱ_{T−1} = 0 as well, but a different schedule everywhere else
     1: """
-def timestep_embedding(t, dim, max_period=10_000.0):
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    angles = t.float()[:, None] * freqs[None, :]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+def zero_terminal_snr(betas):
+    abar = torch.cumprod(1 - betas, dim=0)
+    first, last = abar[0].item(), abar[-1].item()
+    abar = (abar - last) * first / (first - last)
+    return 1 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
 """,
-    # re-adds the noise at the *current* level instead of the target level
+    # r upside down (h / h₀ instead of h₀ / h): exact on the first step, wrong from the second on
     2: """
-def ddim_update(x_t, eps, alpha_bar_t, alpha_bar_prev):
-    x0 = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
-    return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps
-""",
-    # the (1 + w) convention of the CFG paper's own equation, with this chapter's w: one unit too much guidance
-    3: """
-def cfg_combine(eps_cond, eps_uncond, w):
-    return eps_cond + w * (eps_cond - eps_uncond)
+def dpmpp_2m_step(x_t, x0, x0_prev, abar_prev, abar_t, abar_next):
+    lam = lambda a: 0.5 * (torch.log(a) - torch.log1p(-a))
+    h = lam(abar_next) - lam(abar_t)
+    d = x0
+    if x0_prev is not None:
+        r = h / (lam(abar_t) - lam(abar_prev))
+        d = x0 + (x0 - x0_prev) / (2 * r)
+    return ((1 - abar_next) / (1 - abar_t)).sqrt() * x_t - abar_next.sqrt() * torch.expm1(-h) * d
 """,
 }
 
 
 def test_wrong_answers_are_rejected():
     assert_wrong_answers_fail(NB, WRONG_ANSWERS)
+
+
+# ------------------------------------------------------------------------------------------------ exploration
+class _Oracle(torch.nn.Module):
+    """A "model" that returns the true noise of the scrubber's x_t: its x̂₀ must be x₀ exactly."""
+
+    def __init__(self, schedule, x0):
+        super().__init__()
+        self.schedule, self.x0, self.anchor = schedule, x0, torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t):
+        a = self.schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        return (x_t - a.sqrt() * self.x0) / (1 - a).sqrt()
+
+
+def test_timestep_scrubber_shows_what_it_should():
+    import matplotlib.pyplot as plt
+
+    ns = notebook.load(NB, ("model", "explore"))
+    sched = ns["NoiseSchedule"].cosine(1000)
+    torch.manual_seed(0)
+    view = ns["explore_denoising"](ns["UNet"](ns["UNET_PRESETS"]["pixel-tiny"]).eval(), sched)
+    assert view.values == {"t": 500, "clip": True}
+    early, late = dict(view.set(t=20)), dict(view.set(t=900))
+    print(f"\nuntrained U-Net: MSE(x_t, x0) {early['x_t_mse']:.3f} → {late['x_t_mse']:.3f}, "
+          f"MSE(x̂0, x0) {early['x0_hat_mse']:.3f} → {late['x0_hat_mse']:.3f} from t = 20 to 900")
+    assert late["x_t_mse"] > 10 * early["x_t_mse"]                # more noise in x_t at larger t
+    assert late["x0_hat_mse"] > 10 * early["x0_hat_mse"]          # an untrained ε̂ ruins x̂0 only at high noise
+    assert view.set(clip=False)["x0_hat"].abs().max() > 1.5       # unclipped x̂0 leaves the data range
+    assert isinstance(view.figure(), plt.Figure)
+    plt.close("all")
+    x0 = view.result["x0"]
+    oracle = ns["explore_denoising"](_Oracle(sched, x0), sched)
+    for t in (0, 500, 900):                                       # (at 999 √ᾱ is ~1e-3: float32 rounding shows)
+        d = oracle.set(t=t, clip=False)
+        assert torch.allclose(d["x0_hat"], x0, atol=1e-3), t        # the true ε gives back x0 at every t
+        assert d["eps_mse"] < 1e-8
