@@ -109,8 +109,8 @@ def test_check_names_the_wrong_answer_and_passes_the_rest(copies):
     report = check_notebook(copies(replace={0: WRONG_ANSWERS[0]}), quick=True)
     status = [r["status"] for r in report["exercises"]]
     assert status == ["wrong", "passed", "passed", "passed"], report
-    assert report["exercises"][0]["exercise"] == "causal_mask"
-    assert "causal_mask" in report["exercises"][0]["message"]          # the check's own message, not a traceback
+    assert report["exercises"][0]["exercise"] == "min_p_filter"
+    assert "min_p_filter" in report["exercises"][0]["message"]         # the check's own message, not a traceback
 
 
 def test_check_the_solution_exits_zero(capsys):

@@ -88,8 +88,10 @@ def test_labkit_stays_small():
     lines = sum(len(p.read_text().splitlines()) for p in (ROOT / "labkit").glob("*.py"))
     print(f"labkit: {lines} lines")
     # ~2,000 was the aim for the one-GPU kit; labkit.distributed (DDP/FSDP2/DCP under torchrun, ~270 lines) is
-    # shared by every chapter and belongs here. Past 2,500, move a chapter-specific helper back into its chapter.
-    assert lines < 2500
+    # shared by every chapter and belongs here, as do labkit.widgets (the explorations and the VRAM calculator every
+    # chapter uses, ~290 lines) and the exercises' leak detector (~90). Past 2,900, move a chapter-specific helper
+    # back into its chapter.
+    assert lines < 2900
 
 
 def test_offline_guard_blocks_the_network():
