@@ -277,22 +277,9 @@ def lut_matmul(lut, w_ternary):
 
 # a lookup that reads the digits the other way round: right with a table built the same wrong way, so only the
 # check's reference table exposes it
-LUT_MATMUL_REVERSED = """
-def ternary_lut(x_int, g):
-    N, m = x_int.shape
-    k = torch.arange(3 ** g)
-    patterns = (k[:, None] // 3 ** torch.arange(g - 1, -1, -1) % 3 - 1).to(torch.int32)
-    groups = x_int.to(torch.int32).view(N, m // g, g)
-    return (groups[:, :, None, :] * patterns).sum(dim=-1, dtype=torch.int32)
-
-
-def lut_matmul(lut, w_ternary):
-    N, n_groups, n_patterns = lut.shape
-    g = round(math.log(n_patterns, 3))
-    codes = (w_ternary.to(torch.int64) + 1).view(w_ternary.shape[0], n_groups, g)
-    index = (codes * 3 ** torch.arange(g - 1, -1, -1)).sum(dim=-1)
-    return lut[:, torch.arange(n_groups), index].sum(dim=-1, dtype=torch.int32)
-"""
+LUT_MATMUL_REVERSED = (WRONG_ANSWERS[2].replace("torch.arange(g)", "torch.arange(g - 1, -1, -1)")
+                       .replace("% 3)", "% 3 - 1)"))
+assert LUT_MATMUL_REVERSED.count("torch.arange(g - 1, -1, -1)") == 2 and "% 3 - 1)" in LUT_MATMUL_REVERSED
 
 
 def test_lut_check_rejects_a_consistently_reversed_digit_order():
