@@ -112,7 +112,8 @@ def cmd_vram(args) -> int:
         return 2
     strategy = args.strategy or ("ddp" if args.world_size > 1 else None)
     try:
-        report = estimate(ns["vram_job"](), budget_gb=args.budget_gb, world_size=args.world_size, strategy=strategy)
+        job = ns["vram_job"](args.job) if args.job else ns["vram_job"]()
+        report = estimate(job, budget_gb=args.budget_gb, world_size=args.world_size, strategy=strategy)
     except Exception as e:  # a crash is not "does not fit": exit 2, so scripts can tell them apart
         print(f"labkit vram: estimating {path.name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-gb", type=float, default=12.0, help="the card's memory in GiB (default 12, an RTX 4070)")
     p.add_argument("--world-size", type=int, default=1, help="GPUs the run is spread over (under torchrun)")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), help="how it is spread (default ddp when --world-size > 1)")
+    p.add_argument("--job", help="a chapter with several full configs: vram_job(JOB) (e.g. 10_unet's sd-256)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_vram)
     p = sub.add_parser("strip", help="write the learner copy without exercise solutions")

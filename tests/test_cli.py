@@ -53,6 +53,19 @@ def test_vram_reports_and_exit_code_follows_fit(demo, capsys):
     assert json.loads(capsys.readouterr().out)["breakdown"]["params"] == 4 * (64 * 64 + 64) * 4
 
 
+def test_vram_job_picks_one_of_a_chapters_full_configs(tmp_path, capsys):
+    cell = VRAM_CELL.replace("def vram_job():", "def vram_job(which='narrow'):\n    width = {'narrow': WIDTH, 'wide': 2 * WIDTH}[which]") \
+                    .replace("nn.Linear(WIDTH, WIDTH)", "nn.Linear(width, width)").replace("randn(32, WIDTH)", "randn(32, width)")
+    nb = make_nb(tmp_path / "96_jobs.ipynb", [("code", "X = 1", ["model"]), ("code", cell, ["vram"])])
+    params = []
+    for extra in ([], ["--job", "wide"]):
+        assert main(["vram", str(nb), "--json", *extra]) == 0
+        params.append(json.loads(capsys.readouterr().out)["breakdown"]["params"])
+    assert params == [4 * (1024 * 1024 + 1024) * 4, 4 * (2048 * 2048 + 2048) * 4]
+    assert main(["vram", str(nb), "--job", "huge"]) == 2           # the chapter's own KeyError, reported
+    assert "KeyError" in capsys.readouterr().err
+
+
 def test_vram_without_vram_cell_is_a_clear_error(tmp_path, capsys):
     nb = make_nb(tmp_path / "97_none.ipynb", [("code", "X = 1", ["model"])])
     assert main(["vram", str(nb)]) == 2
