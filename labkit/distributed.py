@@ -240,7 +240,7 @@ def _json_tensor(obj) -> torch.Tensor:
 
 
 def save(path: str | os.PathLike, model: nn.Module, optimizer, generator: torch.Generator, extra: dict,
-         d: Dist | None) -> Path:
+         d: Dist | None, tracked: dict | None = None) -> Path:
     """Write a sharded checkpoint folder: model and optimizer (each rank its shard), the data generator and
     the trainer's counters (as JSON in a byte tensor, so loading never unpickles). Temp folder, then swap."""
     import torch.distributed.checkpoint as dcp
@@ -249,6 +249,8 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer, generator: torch.
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "generator": generator.get_state(), "trainer": _json_tensor(extra)}
+    if tracked:  # Trainer.track's state (an EMA copy: the same on every rank), kept as plain tensors
+        state["tracked"] = tracked
     tmp = path.with_name(path.name + ".tmp")
     main = d is None or d.is_main
     if main:
@@ -276,9 +278,11 @@ def resolve(path: str | os.PathLike) -> Path:
     return old if not path.exists() and is_dcp(old) else path
 
 
-def load(path: str | os.PathLike, model: nn.Module, optimizer, generator: torch.Generator) -> dict:
+def load(path: str | os.PathLike, model: nn.Module, optimizer, generator: torch.Generator,
+         tracked: dict | None = None) -> dict:
     """Read a checkpoint folder written by any number of ranks into this run (any number of ranks, 1 included:
-    torch.distributed.checkpoint re-shards on load). Returns the trainer's counters."""
+    torch.distributed.checkpoint re-shards on load). Returns the trainer's counters, with the state of
+    Trainer.track's objects under "tracked" when ``tracked`` (their current state dicts, as templates) is given."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -290,6 +294,9 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer, generator: torch.
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "generator": torch.empty_like(generator.get_state()),
              "trainer": torch.empty(meta["trainer"].size, dtype=torch.uint8)}
+    has_tracked = any(k.startswith("tracked.") for k in meta)
+    if tracked and has_tracked:
+        state["tracked"] = tracked
     wanted = {f"model.{k}" for k in model_sd}
     stored = {k for k in meta if k.startswith("model.")}
     if wanted != stored:
@@ -305,4 +312,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer, generator: torch.
         raise ValueError(f"checkpoint {path} does not fit this run: {str(e).strip().splitlines()[-1]}") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     generator.set_state(state["generator"])
-    return json.loads(bytes(state["trainer"].tolist()).decode())
+    counters = json.loads(bytes(state["trainer"].tolist()).decode())
+    if tracked and has_tracked:
+        counters["tracked"] = state["tracked"]
+    return counters

@@ -212,6 +212,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.tracked: dict[str, object] = {}  # more state that checkpoints carry (an EMA of the weights, ...)
         self._plot_handle = None
 
     # ---- one step ------------------------------------------------------------------------------------
@@ -276,6 +277,26 @@ class Trainer:
         return out
 
     # ---- checkpoints ---------------------------------------------------------------------------------
+    def track(self, name: str, obj) -> None:
+        """Checkpoint ``obj`` with the run: anything with ``state_dict()`` / ``load_state_dict()`` of tensors
+        (an EMA of the weights, a data cursor...). Saved with every checkpoint, restored on resume, so an
+        interrupted run loses it no more than it loses the weights."""
+        if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+            raise TypeError(f"Trainer.track({name!r}, ...): {type(obj).__name__} needs state_dict() and "
+                            "load_state_dict()")
+        self.tracked[name] = obj
+
+    def _tracked_state(self) -> dict:
+        return {name: obj.state_dict() for name, obj in self.tracked.items()}
+
+    def _load_tracked(self, stored: dict | None, path) -> None:
+        missing = sorted(set(self.tracked) - set(stored or {}))
+        if missing:
+            raise ValueError(f"checkpoint {path} has no state for {missing} (tracked by this run with "
+                             "Trainer.track): it was written without them; start this run with another ckpt_path")
+        for name, obj in self.tracked.items():
+            obj.load_state_dict(stored[name])
+
     def state_dict(self) -> dict:
         state = {
             "model": self.model.state_dict(),
@@ -286,6 +307,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()},
+            "tracked": self._tracked_state(),
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -303,7 +325,8 @@ class Trainer:
     def save(self, path: str | os.PathLike | None = None) -> Path:
         path = Path(path or self.cfg.ckpt_path)
         if self.dist is not None:  # a sharded checkpoint folder (torch.distributed.checkpoint), each rank its part
-            return distributed.save(path, self.model, self.optimizer, self.generator, self._counters(), self.dist)
+            return distributed.save(path, self.model, self.optimizer, self.generator, self._counters(), self.dist,
+                                    tracked=self._tracked_state())
         save_atomic(self.state_dict(), path)
         return path
 
@@ -312,7 +335,9 @@ class Trainer:
         A checkpoint folder written under torchrun loads on any number of ranks (one included)."""
         path = distributed.resolve(path or self.cfg.ckpt_path)
         if distributed.is_dcp(path):
-            counters = distributed.load(path, self.model, self.optimizer, self.generator)
+            counters = distributed.load(path, self.model, self.optimizer, self.generator,
+                                        tracked=self._tracked_state() if self.tracked else None)
+            self._load_tracked(counters.pop("tracked", None), path)
             self.step, self.history = counters["step"], counters["history"]
             self.scaler.load_state_dict(counters["scaler"])
             return
@@ -324,6 +349,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        self._load_tracked(state.get("tracked"), path)
         self.step, self.history = state["step"], state["history"]
         self.generator.set_state(state["generator"].cpu())
         torch.set_rng_state(state["torch_rng"].cpu())

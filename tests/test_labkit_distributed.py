@@ -82,9 +82,33 @@ def full_weights(t: Trainer) -> dict:
     return {k: v.detach().clone() for k, v in sd.items()}
 
 
+class StepCount:
+    """State the run tracks beside the weights (Trainer.track): the optimizer steps taken, as a tensor."""
+
+    def __init__(self):
+        self.n = torch.zeros((), dtype=torch.long)
+
+    def tick(self, *_):
+        self.n += 1
+
+    def state_dict(self):
+        return {"n": self.n.clone()}
+
+    def load_state_dict(self, state):
+        self.n = state["n"].clone()
+
+
+def counted(t: Trainer) -> StepCount:
+    count = StepCount()
+    t.track("count", count)
+    t.optimizer.register_step_post_hook(count.tick)
+    return count
+
+
 def worker(args) -> None:
     """One rank: train HALF steps (checkpoint there), keep the weights, train on to STEPS without checkpoints."""
     t = make_trainer(ckpt=args.ckpt, strategy=args.strategy)
+    counted(t)                                                     # its state goes into the sharded checkpoint
     print(f"rank {t.dist.rank} of {t.dist.world_size}: {args.strategy}")  # the Trainer prints nothing itself here
     out = Path(args.out)
     t.fit(steps=HALF)
@@ -199,7 +223,9 @@ def test_fsdp_two_ranks_then_resume_on_one(tmp_path, reference):
     assert rank_output(tmp_path, 1).strip() == "rank 1 of 2: fsdp"   # no progress, no "resumed", no samples
     # ... resumes in one process: same step, same data order, and it continues the 2-rank run
     resumed = make_trainer(ckpt=str(ckpt))
+    count = counted(resumed)
     resumed.load()
+    assert int(count.n) == HALF                                    # Trainer.track's state came back with the run
     assert resumed.step == HALF and torch.equal(resumed.generator.get_state(), reference["generator_at_half"])
     resumed.cfg = dataclasses.replace(resumed.cfg, ckpt_path=None)
     resumed.fit()

@@ -263,3 +263,50 @@ def test_forced_bf16_autocast_and_bad_amp_value():
     t.fit()
     with pytest.raises(ValueError, match="amp must be"):
         Trainer(TinyModel(), get_batch, config=cfg(amp="int4"), device="cpu")
+
+
+class Average:
+    """An EMA-like object tracked by the Trainer: a running mean of the weights, updated after each step."""
+
+    def __init__(self, model):
+        self.model, self.sum = model, {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+        self.count = torch.zeros((), dtype=torch.long)
+
+    def update(self):
+        self.count += 1
+        for k, v in self.model.state_dict().items():
+            self.sum[k] += v
+
+    def state_dict(self):
+        return {"sum": {k: v.clone() for k, v in self.sum.items()}, "count": self.count.clone()}
+
+    def load_state_dict(self, state):
+        self.sum, self.count = {k: v.clone() for k, v in state["sum"].items()}, state["count"].clone()
+
+
+def tracked_run(config, seed=0):
+    trainer = make(config, seed)
+    avg = Average(trainer.model)
+    trainer.track("average", avg)
+    trainer.optimizer.register_step_post_hook(lambda *_: avg.update())
+    return trainer, avg
+
+
+def test_tracked_state_resumes_with_the_run(tmp_path):
+    """Trainer.track: the EMA-like object is saved with each checkpoint and restored on resume, so the resumed
+    run's average equals an uninterrupted one's; a checkpoint without it is refused with a clear message."""
+    full, full_avg = tracked_run(cfg())
+    full.fit()
+    ckpt = tmp_path / "run.pt"
+    part, _ = tracked_run(cfg(ckpt_path=str(ckpt)))
+    part.fit(steps=13)
+    resumed, avg = tracked_run(cfg(ckpt_path=str(ckpt)), seed=99)
+    resumed.fit()
+    assert int(avg.count) == int(full_avg.count) == 30
+    assert all(torch.equal(avg.sum[k], full_avg.sum[k]) for k in avg.sum)
+    plain = tmp_path / "plain.pt"
+    make(cfg(ckpt_path=str(plain))).fit(steps=5)
+    with pytest.raises(ValueError, match=r"no state for \['average'\].*Trainer.track"):
+        tracked_run(cfg(ckpt_path=str(plain)))[0].fit()
+    with pytest.raises(TypeError, match="needs state_dict"):
+        make(cfg()).track("x", object())
