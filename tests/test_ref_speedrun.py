@@ -212,3 +212,27 @@ def test_newton_schulz_explorer():
     assert cubic[20] < 1e-6 < 0.1 < cubic[3]
     assert 0.05 < quintic < 0.35                                  # never exactly 1: the band
     assert isinstance(view.figure(), matplotlib.figure.Figure)
+
+
+def test_greedy_pass_stops_a_trial_that_can_no_longer_be_kept(ns):
+    """A trial still above the target at an evaluation past 0.97 x the kept recipe's steps stops there (its
+    crossing would lie after that evaluation, so it cannot be kept): dropped at the same verdict as a full run,
+    for a fraction of its budget. A kept recipe and its crossing are unchanged by the rule."""
+    from dataclasses import replace
+
+    vocab, train, val, windows = ns["tiny_corpus"]()
+    get_batch = ns["tiny_get_batch"](train, val)
+    small = ns["GPTConfig"](block_size=64, vocab_size=vocab, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+    base = ns["SpeedRecipe"](model=small, max_steps=200, warmup_steps=5, eval_every=10)
+    probe = ns["time_to_target"](base, get_batch, windows, target=0.0, give_up_at=40)
+    assert probe["gave_up"] and not probe["reached"] and probe["curve"][-1][0] == 40    # first eval at >= 40
+    target = probe["curve"][3][2] + 1e-4                                                # base's val at step 30
+    stages = {"hopeless (lr 1e-6)": dict(lr=1e-6)}
+    results, _, kept, best = ns["greedy_stages"](base, stages, get_batch, windows, target, log=lambda s: None)
+    assert kept == base and results["chapter 02's recipe"]["reached"] and 20 < best["steps"] <= 30
+    bad = results["hopeless (lr 1e-6)"]
+    stop = bad["curve"][-1][0]
+    assert bad["gave_up"] and not bad["kept"] and stop == 10 * math.ceil(0.97 * best["steps"] / 10) < base.max_steps
+    full = ns["time_to_target"](replace(base, lr=1e-6), get_batch, windows, target)       # without the rule
+    assert not full["reached"] and not full["gave_up"] and full["curve"][-1][0] == base.max_steps
+    assert [c[2] for c in full["curve"][:len(bad["curve"])]] == [c[2] for c in bad["curve"]]   # same run, cut short
