@@ -146,7 +146,7 @@ def measure(job, device: str = "cuda", steps: int = 3, micro_batches: int = 2, b
 
 
 def chapter_result(nb: str, device: str, size: str, steps: int, micro_batches: int, budget_gib: float,
-                   deadline_s: float) -> dict:
+                   deadline_s: float, job_name: str | None = None) -> dict:
     """Everything about one chapter: the estimate, the measurement, and the error between them."""
     os.environ["LABKIT_SIZE"] = size
     from labkit.vram import estimate
@@ -158,7 +158,7 @@ def chapter_result(nb: str, device: str, size: str, steps: int, micro_batches: i
         ns = load_notebook(nb, ("model", "vram"))
         if "vram_job" not in ns:
             return {"error": "no vram_job() in a cell tagged `vram`", "fits": None}
-        job = ns["vram_job"]()
+        job = ns["vram_job"](job_name) if job_name else ns["vram_job"]()
     result = {"name": job.name, "amp_dtype": str(job.amp_dtype).removeprefix("torch.") if job.amp_dtype else None,
               "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}  # as this worker's allocator saw it
     try:
@@ -177,11 +177,22 @@ def chapter_result(nb: str, device: str, size: str, steps: int, micro_batches: i
 
 
 # ------------------------------------------------------------------ the whole run
-def _worker_cmd(nb: str, args, result_file: Path, deadline_s: float) -> list[str]:
+def _worker_cmd(nb: str, args, result_file: Path, deadline_s: float, job: str | None = None) -> list[str]:
     return [sys.executable, "-m", "benchmarks.gpu_memory", "--worker", nb, "--result-file", str(result_file),
             "--device", args.device, "--size", args.size, "--steps", str(args.steps),
             "--micro-batches", str(args.micro_batches), "--budget-gib", str(args.budget_gib),
-            "--deadline-s", str(deadline_s)]
+            "--deadline-s", str(deadline_s), *(["--job-name", job] if job else [])]
+
+
+def job_specs(specs: list[str], notebooks_dir) -> list[tuple[str, str]]:
+    """``--job NB=NAME`` -> [(notebook path, NAME)]: a chapter's further full config, ``vram_job(NAME)``."""
+    out = []
+    for spec in specs:
+        stem, sep, name = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--job {spec!r}: write it as CHAPTER=NAME, e.g. --job 10_unet=sd-256")
+        out += [(str(nb), name) for nb in chapters(notebooks_dir, [stem])]
+    return out
 
 
 def run_all(args) -> dict:
@@ -205,18 +216,24 @@ def run_all(args) -> dict:
     if args.expandable_segments:  # the allocator grows segments in place instead of caching blocks of many sizes
         env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     results["alloc_conf"] = env.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    for i, nb in enumerate(names):
+    # A chapter's further full configs (--job NB=NAME) go under "jobs" as "NB:NAME", so that readers of
+    # "chapters" (the README table, the reality-check page, the chapters themselves) see one entry per chapter.
+    runs = [(nb, None) for nb in names] + job_specs(args.job, args.notebooks_dir)
+    if args.job:
+        results["jobs"] = {}
+    for i, (nb, job) in enumerate(runs):
         stem = Path(nb).stem if nb != DRY_RUN else "dry_run"
+        where, key = (results["chapters"], stem) if job is None else (results["jobs"], f"{stem}:{job}")
         left = args.budget_s - (time.perf_counter() - t_start)
-        slot = left / (len(names) - i)  # a fair share of what is left
+        slot = left / (len(runs) - i)  # a fair share of what is left
         if slot < 20:
-            results["chapters"][stem] = {"error": f"skipped: the {args.budget_s:.0f} s budget ran out", "fits": None}
+            where[key] = {"error": f"skipped: the {args.budget_s:.0f} s budget ran out", "fits": None}
             continue
-        print(f"{stem}: estimate + {args.steps} steps on {args.device} (slot {slot:.0f} s) ...", flush=True)
+        print(f"{key}: estimate + {args.steps} steps on {args.device} (slot {slot:.0f} s) ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             result_file = Path(tmp) / "result.json"
             try:
-                proc = subprocess.run(_worker_cmd(nb, args, result_file, slot - 5), cwd=ROOT, env=env,
+                proc = subprocess.run(_worker_cmd(nb, args, result_file, slot - 5, job), cwd=ROOT, env=env,
                                       capture_output=True, text=True, timeout=slot)
                 if result_file.exists():
                     r = json.loads(result_file.read_text())
@@ -224,11 +241,11 @@ def run_all(args) -> dict:
                     r = {"error": f"worker exited {proc.returncode}: {proc.stderr.strip()[-800:]}", "fits": None}
             except subprocess.TimeoutExpired:
                 r = {"error": f"killed after its {slot:.0f} s slot", "fits": None}
-        for key in ("peak_reserved_gib", "peak_allocated_gib", "estimate_gib", "error_pct", "step_s", "fits", "error"):
-            r.setdefault(key, None)
+        for field in ("peak_reserved_gib", "peak_allocated_gib", "estimate_gib", "error_pct", "step_s", "fits", "error"):
+            r.setdefault(field, None)
         if r.get("device"):
             results["device"] = r["device"]
-        results["chapters"][stem] = r
+        where[key] = r
         print("  " + summary_line(r), flush=True)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     return results
@@ -255,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="full", choices=("full", "tiny"), help="the size vram_job() is built at")
     p.add_argument("--only", action="append", default=[], metavar="NB", help="only these chapters")
     p.add_argument("--notebooks-dir", type=Path, default=None)
+    p.add_argument("--job", action="append", default=[], metavar="NB=NAME",
+                   help="also measure a chapter's further full config, vram_job(NAME) (e.g. 10_unet=sd-256)")
+    p.add_argument("--job-name", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step (the estimate traces 2)")
     p.add_argument("--budget-gib", type=float, default=BUDGET_GIB, help="the memory cap, GiB (an RTX 4070: 12)")
@@ -275,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.worker:
         r = chapter_result(args.worker, args.device, args.size, args.steps, args.micro_batches, args.budget_gib,
-                           args.deadline_s)
+                           args.deadline_s, job_name=args.job_name)
         write_json(args.result_file, r)
         return 0
     only = [s for item in args.only for s in item.split(",") if s]
@@ -289,13 +309,16 @@ def main(argv: list[str] | None = None) -> int:
             earlier = read_json(out)
             if earlier.get("device") == results["device"]:
                 results["chapters"] = {**earlier.get("chapters", {}), **results["chapters"]}
+                if earlier.get("jobs") or results.get("jobs"):
+                    results["jobs"] = {**earlier.get("jobs", {}), **results.get("jobs", {})}
         write_json(out, results)
         print(f"wrote {out}")
     print(f"{'chapter':<20}{'estimate':>10}{'measured':>10}{'error':>8}  fits")
-    for stem, r in results["chapters"].items():
+    for stem, r in {**results["chapters"], **results.get("jobs", {})}.items():
         print(f"{stem:<20}{_g(r.get('estimate_gib')):>10}{_g(r.get('measured_total_gib')):>10}"
               f"{_g(r.get('error_pct'), '{:+.0f}%'):>8}  {r.get('fits')}")
-    failed = [k for k, r in results["chapters"].items() if r.get("error") and r.get("fits") is not False]
+    failed = [k for k, r in {**results["chapters"], **results.get("jobs", {})}.items()
+              if r.get("error") and r.get("fits") is not False]
     return 1 if failed else 0
 
 

@@ -297,6 +297,24 @@ def test_gpu_memory_reads_the_chapters_vram_jobs(nbdir, tmp_path):
     assert entry["name"] == "toy LM 32 wide" and entry["item"] == "tokens" and entry["items_per_s"] > 0
 
 
+def test_gpu_memory_measures_a_chapters_further_jobs(nbdir, tmp_path):
+    """--job NB=NAME: vram_job(NAME) measured too, under "jobs" (the "chapters" readers keep one entry each)."""
+    cell = VRAM_CELL.replace("def vram_job():", "def vram_job(which='narrow'):\n    w = {'narrow': WIDTH, 'wide': 2 * WIDTH}[which]")
+    cell = cell.replace("nn.Embedding(50, WIDTH), nn.Linear(WIDTH, 50)", "nn.Embedding(50, w), nn.Linear(w, 50)")
+    cell = cell.replace('name=f"toy LM {WIDTH} wide"', 'name=f"toy LM {w} wide"')
+    make_nb(nbdir / "94_jobs.ipynb", [("code", "import labkit\nSIZE = labkit.size()", ["parameters"]),
+                                      ("code", "X = 1", ["model"]), ("code", cell, ["vram"])])
+    out = tmp_path / "gpu.json"
+    assert gpu_memory.main(["--device", "cpu", "--size", "tiny", "--notebooks-dir", str(nbdir), "--steps", "1",
+                            "--only", "94", "--job", "94_jobs=wide", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert list(r["chapters"]) == ["94_jobs"] and r["chapters"]["94_jobs"]["name"] == "toy LM 32 wide"
+    assert list(r["jobs"]) == ["94_jobs:wide"] and r["jobs"]["94_jobs:wide"]["name"] == "toy LM 64 wide"
+    assert r["jobs"]["94_jobs:wide"]["error"] is None
+    with pytest.raises(SystemExit, match="CHAPTER=NAME"):
+        gpu_memory.main(["--device", "cpu", "--notebooks-dir", str(nbdir), "--job", "94_jobs", "--out", str(out)])
+
+
 def test_measure_records_an_out_of_memory_error_instead_of_crashing():
     from labkit.vram import TrainJob
 
