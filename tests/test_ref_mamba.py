@@ -264,23 +264,14 @@ def zoh_exact(delta, A, B):
     return torch.exp(delta[..., None] * A), delta[..., None] * B[..., None, :]
 """),
     # the backward recurrence multiplies by Ā_t instead of Ā_{t+1}
-    "scan-backward-shift": (1, """
-def scan_backward(dA, u, C, grad_y):
-    L = dA.shape[1]
-    h, states = torch.zeros_like(u[:, 0]), []
-    for t in range(L):
-        h = dA[:, t] * h + u[:, t]
-        states.append(h)
-    grad_dA, grad_u, grad_C = torch.zeros_like(dA), torch.zeros_like(u), torch.zeros_like(C)
-    g = torch.zeros_like(h)
-    for t in reversed(range(L)):
-        g = dA[:, t] * g + grad_y[:, t, :, None] * C[:, t, None, :]
-        grad_u[:, t] = g
-        if t > 0:
-            grad_dA[:, t] = g * states[t - 1]
-        grad_C[:, t] = torch.einsum("be,ben->bn", grad_y[:, t], states[t])
-    return grad_dA, grad_u, grad_C
-"""),
+    "scan-backward-shift": (1, WRONG_ANSWERS[1].replace(
+        """        if t + 1 < L:
+            g = dA[:, t + 1] * g
+        g = g + grad_y[:, t, :, None] * C[:, t, None, :]""",
+        """        g = dA[:, t] * g + grad_y[:, t, :, None] * C[:, t, None, :]""").replace(
+        """        grad_dA[:, t] = g * states[t]""",
+        """        if t > 0:
+            grad_dA[:, t] = g * states[t - 1]""")),
     # next-token habit: the answers shifted one position left, onto the last noise position
     "copying-shifted": (3, """
 def selective_copying(batch_size, seq_len, n_memorize, vocab_size, generator):
